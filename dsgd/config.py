@@ -1,0 +1,134 @@
+"""The training configuration: one dataclass, validated once, shipped as JSON.
+
+The coordinator holds the cluster's configuration and hands it to every shard and
+worker when they register, so a worker started by hand on another machine needs
+only the coordinator's address and the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from dsgd.errors import ConfigError
+from dsgd.optim import OPTIMIZERS
+from dsgd.wire import DEFAULT_CHUNK_BYTES, VALUE_DTYPES
+
+DEFAULT_MODEL = "dsgd.examples.digits:digits_cnn"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a training run. Defaults train the bundled example."""
+
+    model: str = DEFAULT_MODEL
+    num_workers: int = 2
+    num_shards: int = 2
+    optimizer: str = "adagrad"
+    lr: float = 0.05
+    local_lr: float | None = None  # worker-side step between fetches; None: same as lr, 0: none
+    n_fetch: int = 1
+    n_push: int = 1
+    batch_size: int = 0  # 0: the model's own default
+    target_accuracy: float = 0.97
+    max_seconds: float = 300.0
+    max_steps: int = 0  # per worker; 0: no limit
+    seed: int = 0
+    eval_every: float = 1.0  # seconds between evaluations of the test split
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 2.5
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_inflight: int = 4  # un-acknowledged pushes per shard before a worker waits
+    density: float = 1.0  # fraction of an update's entries a push sends (1.0: dense)
+    value_dtype: str = "float32"
+    staleness: str = "none"  # none | drop:K | scale
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(
+            ":" in self.model,
+            f"--model must look like package.module:factory, got {self.model!r}",
+        )
+        need(self.num_workers >= 1, f"--workers must be >= 1, got {self.num_workers}")
+        need(self.num_shards >= 1, f"--shards must be >= 1, got {self.num_shards}")
+        need(
+            self.optimizer in OPTIMIZERS,
+            f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        need(_positive(self.lr), f"--lr must be a positive number, got {self.lr}")
+        need(
+            self.local_lr is None or (math.isfinite(self.local_lr) and self.local_lr >= 0),
+            f"--local-lr must be >= 0, got {self.local_lr}",
+        )
+        need(self.n_fetch >= 1, f"--n-fetch must be >= 1, got {self.n_fetch}")
+        need(self.n_push >= 1, f"--n-push must be >= 1, got {self.n_push}")
+        need(self.batch_size >= 0, f"--batch-size must be >= 0, got {self.batch_size}")
+        need(
+            0.0 <= self.target_accuracy <= 1.0,
+            f"--target-accuracy must be in [0, 1], got {self.target_accuracy}",
+        )
+        need(_positive(self.max_seconds), f"--max-seconds must be > 0, got {self.max_seconds}")
+        need(self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}")
+        need(_positive(self.eval_every), f"--eval-every must be > 0, got {self.eval_every}")
+        need(
+            _positive(self.heartbeat_interval),
+            f"--heartbeat-interval must be > 0, got {self.heartbeat_interval}",
+        )
+        need(
+            self.heartbeat_timeout > self.heartbeat_interval,
+            f"--heartbeat-timeout ({self.heartbeat_timeout}) must exceed "
+            f"--heartbeat-interval ({self.heartbeat_interval})",
+        )
+        need(
+            4096 <= self.chunk_bytes <= 64 << 20,
+            f"--chunk-bytes must be between 4096 and {64 << 20}, got {self.chunk_bytes}",
+        )
+        need(self.max_inflight >= 1, f"--max-inflight must be >= 1, got {self.max_inflight}")
+        need(0.0 < self.density <= 1.0, f"--density must be in (0, 1], got {self.density}")
+        need(
+            self.value_dtype in VALUE_DTYPES,
+            f"--value-dtype must be one of {', '.join(VALUE_DTYPES)}, got {self.value_dtype!r}",
+        )
+        parse_staleness(self.staleness)
+
+    @property
+    def worker_lr(self) -> float:
+        """The learning rate of the worker's local step between fetches."""
+        return self.lr if self.local_lr is None else self.local_lr
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"configuration is not valid JSON: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {unknown}; is dsgd the same version?")
+        return cls(**raw)
+
+    def with_(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def parse_staleness(policy: str) -> tuple[str, int]:
+    """``none`` | ``drop:K`` | ``scale`` -> (kind, bound)."""
+    if policy in ("none", "scale"):
+        return policy, 0
+    kind, _, bound = policy.partition(":")
+    if kind == "drop" and bound.isdigit():
+        return "drop", int(bound)
+    raise ConfigError(f"--staleness must be none, drop:K (K an integer) or scale, got {policy!r}")

@@ -1,0 +1,249 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_SHARD: _ClassVar[Role]
+    ROLE_WORKER: _ClassVar[Role]
+ROLE_UNSPECIFIED: Role
+ROLE_SHARD: Role
+ROLE_WORKER: Role
+
+class MemberStats(_message.Message):
+    __slots__ = ("version", "step", "rate", "loss", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    step: int
+    rate: float
+    loss: float
+    counters: _containers.ScalarMap[str, float]
+    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., rate: _Optional[float] = ..., loss: _Optional[float] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ShardEndpoint(_message.Message):
+    __slots__ = ("shard_id", "data_address", "pub_address", "start", "stop", "incarnation", "control_address")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUB_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    data_address: str
+    pub_address: str
+    start: int
+    stop: int
+    incarnation: int
+    control_address: str
+    def __init__(self, shard_id: _Optional[int] = ..., data_address: _Optional[str] = ..., pub_address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., incarnation: _Optional[int] = ..., control_address: _Optional[str] = ...) -> None: ...
+
+class RegisterShardRequest(_message.Message):
+    __slots__ = ("shard_id", "endpoint", "layout_fingerprint", "version", "protocol_version")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    endpoint: ShardEndpoint
+    layout_fingerprint: int
+    version: int
+    protocol_version: int
+    def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
+class RegisterShardReply(_message.Message):
+    __slots__ = ("num_shards", "start", "stop", "layout_fingerprint", "config_json", "send_initial")
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEND_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    num_shards: int
+    start: int
+    stop: int
+    layout_fingerprint: int
+    config_json: str
+    send_initial: bool
+    def __init__(self, num_shards: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ...) -> None: ...
+
+class FetchInitialShardRequest(_message.Message):
+    __slots__ = ("shard_id", "layout_fingerprint")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    layout_fingerprint: int
+    def __init__(self, shard_id: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "offset", "total", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    total: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RegisterWorkerRequest(_message.Message):
+    __slots__ = ("worker_id", "layout_fingerprint", "model", "host", "protocol_version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    layout_fingerprint: int
+    model: str
+    host: str
+    protocol_version: int
+    def __init__(self, worker_id: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
+class RegisterWorkerReply(_message.Message):
+    __slots__ = ("ready", "waiting_for", "worker_id", "partition", "num_partitions", "shards", "config_json")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    waiting_for: str
+    worker_id: int
+    partition: int
+    num_partitions: int
+    shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
+    config_json: str
+    def __init__(self, ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., worker_id: _Optional[int] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("role", "id", "incarnation", "stats", "leaving")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    id: int
+    incarnation: int
+    stats: MemberStats
+    leaving: bool
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("shutdown", "reason", "reregister", "shards")
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shutdown: bool
+    reason: str
+    reregister: bool
+    shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
+    def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ..., reregister: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MemberStatus(_message.Message):
+    __slots__ = ("role", "id", "state", "last_seen_seconds", "stats", "address", "incarnation")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    id: int
+    state: str
+    last_seen_seconds: float
+    stats: MemberStats
+    address: str
+    incarnation: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("elapsed_seconds", "test_accuracy", "test_loss", "total_version", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    elapsed_seconds: float
+    test_accuracy: float
+    test_loss: float
+    total_version: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "target_accuracy", "config_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    DONE_REASON_FIELD_NUMBER: _ClassVar[int]
+    REACHED_TARGET_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    num_params: int
+    layout_fingerprint: int
+    num_shards: int
+    num_workers: int
+    elapsed_seconds: float
+    members: _containers.RepeatedCompositeFieldContainer[MemberStatus]
+    history: _containers.RepeatedCompositeFieldContainer[Evaluation]
+    done: bool
+    done_reason: str
+    reached_target: bool
+    waiting_for: str
+    target_accuracy: float
+    config_json: str
+    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., target_accuracy: _Optional[float] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class ShutdownRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ShutdownReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

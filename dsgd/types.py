@@ -1,0 +1,67 @@
+"""The vocabulary shared by every module: aliases and protocols."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+FlatParams: TypeAlias = npt.NDArray[np.float32]
+"""A model's parameters (or a shard's range of them) as one contiguous float32 vector."""
+
+Indices: TypeAlias = npt.NDArray[np.uint32]
+"""Positions relative to the start of a shard's range."""
+
+Version: TypeAlias = int
+"""A shard's update counter; it only grows within one incarnation of the shard."""
+
+ShardId: TypeAlias = int
+WorkerId: TypeAlias = int
+PyTree: TypeAlias = Any
+
+
+class ShardRange(NamedTuple):
+    """The half-open range ``[start, stop)`` of the flat vector owned by one shard."""
+
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+class OptimizerState(Protocol):
+    """Marker for an optimizer's state: a NamedTuple of numpy arrays."""
+
+
+class ServerOptimizer(Protocol):
+    """A server-side optimizer: pure ``init`` and in-place ``apply`` in numpy.
+
+    Shaped like optax's ``GradientTransformation`` but working on a shard's flat
+    float32 range, in place, so that applying a 1 MiB chunk never allocates a
+    shard-sized temporary.
+    """
+
+    name: str
+
+    def init(self, size: int) -> dict[str, FlatParams]: ...
+
+    def apply_dense(
+        self,
+        params: FlatParams,
+        state: dict[str, FlatParams],
+        offset: int,
+        grad: FlatParams,
+        lr_scale: float = 1.0,
+    ) -> None: ...
+
+    def apply_sparse(
+        self,
+        params: FlatParams,
+        state: dict[str, FlatParams],
+        indices: Indices,
+        grad: FlatParams,
+        lr_scale: float = 1.0,
+    ) -> None: ...

@@ -1,0 +1,251 @@
+"""The data-plane wire format: one msgpack header frame, then raw array frames.
+
+Every data-plane message is a ZeroMQ multipart message::
+
+    frame 0   msgpack map: the :class:`Header` (kind, protocol version, layout
+              fingerprint, shard, worker, sequence, chunk i of n, versions, ...)
+    frame 1.. raw little-endian arrays, sent zero-copy and rebuilt on the other
+              side with ``numpy.frombuffer`` (never pickle)
+
+    dense   [header, values]              values for ``[offset, offset + count)``
+    sparse  [header, indices, values]     uint32 indices relative to the shard range
+
+A chunk carries at most ``chunk_bytes`` of payload (1 MiB by default): measured on
+this class of machine, 1 MiB frames move at raw-TCP speed over loopback while one
+64 MiB frame moves at less than half of it, because the receiver faults in fresh
+memory for every large frame.
+
+This module is pure: bytes and arrays in, bytes and arrays out, no sockets.
+:func:`decode` checks everything that can be checked without knowing the shard
+(framing, sizes, dtypes) and raises :class:`~dsgd.errors.ProtocolError`; the shard
+checks the rest (fingerprint, range, finiteness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import ml_dtypes
+import msgpack
+import numpy as np
+
+from dsgd.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_HEADER_BYTES = 4096
+MAX_FRAME_BYTES = 64 << 20
+
+# kinds
+PUSH = "push"  # worker -> shard: an update chunk
+ACK = "ack"  # shard -> worker: what became of one push chunk
+FETCH = "fetch"  # worker -> shard: send me parameters (changed since `version`)
+PARAMS = "params"  # shard -> worker: a chunk of parameters
+VERSION = "version"  # shard -> all (PUB): my current version
+ERROR = "error"  # shard -> worker: your request was rejected (`status` says why)
+KINDS = frozenset({PUSH, ACK, FETCH, PARAMS, VERSION, ERROR})
+
+# encodings
+DENSE = "dense"
+SPARSE = "sparse"
+ENCODINGS = frozenset({DENSE, SPARSE})
+
+VALUE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+INDEX_DTYPE = np.dtype("<u4")
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """The wire name of a value dtype (``float32``, ``float16``, ``bfloat16``)."""
+    for name, known in VALUE_DTYPES.items():
+        if known == dtype:
+            return name
+    raise ValueError(f"values of dtype {dtype} cannot travel; use one of {sorted(VALUE_DTYPES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Frame 0 of every data-plane message."""
+
+    kind: str
+    fingerprint: int
+    shard: int
+    worker: int = -1
+    seq: int = 0
+    chunk: int = 0
+    nchunks: int = 1
+    base_version: int = 0
+    version: int = 0
+    incarnation: int = 0
+    offset: int = 0
+    count: int = 0
+    encoding: str = DENSE
+    dtype: str = "float32"
+    status: str = ""
+    protocol: int = PROTOCOL_VERSION
+
+
+_FIELD_TYPES: dict[str, type] = {f.name: (str if f.type == "str" else int) for f in fields(Header)}
+_STR_LIMIT = 256
+
+
+def pack_header(header: Header) -> bytes:
+    return msgpack.packb(asdict(header), use_bin_type=True)
+
+
+def unpack_header(frame: bytes | memoryview) -> Header:
+    """Parse and type-check frame 0; raise ProtocolError on anything unexpected."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_map_len=64)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("header is not a msgpack map")
+    for key, value in raw.items():
+        want = _FIELD_TYPES.get(key)
+        if want is None:
+            raise ProtocolError(f"unknown header field {key!r}")
+        if want is int and (type(value) is not int or not -(2**63) <= value < 2**64):
+            raise ProtocolError(f"header field {key!r} must be an integer")
+        if want is str and (type(value) is not str or len(value) > _STR_LIMIT):
+            raise ProtocolError(f"header field {key!r} must be a short string")
+    if "kind" not in raw or "fingerprint" not in raw or "shard" not in raw:
+        raise ProtocolError("header lacks kind, fingerprint or shard")
+    header = Header(**raw)
+    if header.protocol != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {header.protocol}, this peer speaks {PROTOCOL_VERSION}; "
+            "upgrade dsgd on both ends"
+        )
+    if header.kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {header.kind!r}")
+    if header.encoding not in ENCODINGS:
+        raise ProtocolError(f"unknown encoding {header.encoding!r}")
+    if header.dtype not in VALUE_DTYPES:
+        raise ProtocolError(f"unknown value dtype {header.dtype!r}")
+    if not (0 <= header.chunk < header.nchunks) or header.count < 0 or header.offset < 0:
+        raise ProtocolError(
+            f"bad chunk numbering: chunk {header.chunk} of {header.nchunks}, "
+            f"offset {header.offset}, count {header.count}"
+        )
+    return header
+
+
+def encode(header: Header, *arrays: np.ndarray) -> list[Any]:
+    """Frames for one message: the packed header, then each array's buffer (no copy)."""
+    return [pack_header(header), *(_bytes_view(a) for a in arrays)]
+
+
+def _bytes_view(array: np.ndarray) -> memoryview:
+    """A flat byte view of ``array`` (no copy when it is already contiguous)."""
+    contiguous = np.ascontiguousarray(array)
+    return contiguous.view(np.uint8).reshape(-1).data
+
+
+def _array(frame: Any, dtype: np.dtype[Any], count: int, what: str) -> np.ndarray:
+    buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+    if buf.nbytes != count * dtype.itemsize:
+        raise ProtocolError(
+            f"{what} frame has {buf.nbytes} bytes, header says {count} x {dtype.itemsize}"
+        )
+    return np.frombuffer(buf, dtype=dtype)
+
+
+def decode(frames: Sequence[Any]) -> tuple[Header, list[np.ndarray]]:
+    """Parse a multipart message into its header and zero-copy array views.
+
+    ``frames`` may be ``bytes``, ``memoryview`` or ``zmq.Frame`` objects. Raises
+    :class:`ProtocolError` when the framing disagrees with the header.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    first = frames[0]
+    header = unpack_header(first.bytes if hasattr(first, "bytes") else first)
+    payload = frames[1:]
+    if header.kind in (PUSH, PARAMS):
+        dtype = VALUE_DTYPES[header.dtype]
+        if header.encoding == DENSE:
+            if len(payload) != 1:
+                raise ProtocolError(f"dense {header.kind} needs 1 array frame, got {len(payload)}")
+            return header, [_array(payload[0], dtype, header.count, "values")]
+        if len(payload) != 2:
+            raise ProtocolError(f"sparse {header.kind} needs 2 array frames, got {len(payload)}")
+        return header, [
+            _array(payload[0], INDEX_DTYPE, header.count, "indices"),
+            _array(payload[1], dtype, header.count, "values"),
+        ]
+    if payload:
+        raise ProtocolError(f"{header.kind} message carries no arrays, got {len(payload)}")
+    return header, []
+
+
+def chunk_bounds(count: int, bytes_per_element: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Split ``count`` elements into consecutive ``(start, stop)`` chunks of <= ``chunk_bytes``.
+
+    Always returns at least one chunk, so that an empty update still makes one
+    (empty) message and the receiver learns the sequence number was used.
+    """
+    if chunk_bytes < bytes_per_element:
+        raise ValueError(f"chunk_bytes {chunk_bytes} is smaller than one element")
+    per_chunk = chunk_bytes // bytes_per_element
+    if count == 0:
+        return [(0, 0)]
+    return [(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+
+
+def dense_chunks(
+    template: Header, values: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[list[Any]]:
+    """Messages carrying ``values`` (one shard's range, or part of it) densely.
+
+    ``template.offset`` is where ``values[0]`` sits in the shard's range.
+    """
+    bounds = chunk_bounds(values.size, values.dtype.itemsize, chunk_bytes)
+    for i, (start, stop) in enumerate(bounds):
+        header = replace(
+            template,
+            encoding=DENSE,
+            dtype=dtype_name(values.dtype),
+            chunk=i,
+            nchunks=len(bounds),
+            offset=template.offset + start,
+            count=stop - start,
+        )
+        yield encode(header, values[start:stop])
+
+
+def sparse_chunks(
+    template: Header,
+    indices: np.ndarray,
+    values: np.ndarray,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[list[Any]]:
+    """Messages carrying ``values`` at ``indices`` (relative to the shard range)."""
+    if indices.shape != values.shape:
+        raise ValueError("indices and values must have the same length")
+    indices = np.asarray(indices, INDEX_DTYPE)
+    per_element = INDEX_DTYPE.itemsize + values.dtype.itemsize
+    bounds = chunk_bounds(values.size, per_element, chunk_bytes)
+    for i, (start, stop) in enumerate(bounds):
+        header = replace(
+            template,
+            encoding=SPARSE,
+            dtype=dtype_name(values.dtype),
+            chunk=i,
+            nchunks=len(bounds),
+            offset=0,
+            count=stop - start,
+        )
+        yield encode(header, indices[start:stop], values[start:stop])
+
+
+def payload_bytes(frames: Sequence[Any]) -> int:
+    """Bytes a message puts on the wire (header included)."""
+    return sum(memoryview(f.buffer if hasattr(f, "buffer") else f).nbytes for f in frames)
