@@ -7,6 +7,7 @@ only the coordinator's address and the model.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -132,3 +133,36 @@ def parse_staleness(policy: str) -> tuple[str, int]:
     if kind == "drop" and bound.isdigit():
         return "drop", int(bound)
     raise ConfigError(f"--staleness must be none, drop:K (K an integer) or scale, got {policy!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training flags shared by ``dsgd start`` and ``python -m dsgd.coordinator``."""
+    d = TrainConfig()
+    add = parser.add_argument
+    add("--model", default=d.model, help=f"package.module:factory (default {d.model})")
+    add("--workers", dest="num_workers", type=int, default=d.num_workers, help="model replicas")
+    add("--shards", dest="num_shards", type=int, default=d.num_shards, help="parameter shards")
+    add("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="server-side optimizer")
+    add("--lr", type=float, default=d.lr, help="server learning rate")
+    add("--local-lr", type=float, default=None, help="worker local-step lr (default: --lr)")
+    add("--n-fetch", type=int, default=d.n_fetch, help="fetch parameters every K steps")
+    add("--n-push", type=int, default=d.n_push, help="push accumulated updates every K steps")
+    add("--batch-size", type=int, default=d.batch_size, help="0: the model's default")
+    add("--target-accuracy", type=float, default=d.target_accuracy, help="stop when reached")
+    add("--max-seconds", type=float, default=d.max_seconds, help="time budget of the run")
+    add("--max-steps", type=int, default=d.max_steps, help="step budget per worker (0: none)")
+    add("--seed", type=int, default=d.seed, help="seed of initial parameters and batches")
+    add("--eval-every", type=float, default=d.eval_every, help="seconds between evaluations")
+    add("--heartbeat-interval", type=float, default=d.heartbeat_interval, help="seconds")
+    add("--heartbeat-timeout", type=float, default=d.heartbeat_timeout, help="seconds")
+    add("--chunk-bytes", type=int, default=d.chunk_bytes, help="payload bytes per message")
+    add("--max-inflight", type=int, default=d.max_inflight, help="unacked pushes per shard")
+    add("--density", type=float, default=d.density, help="fraction of an update pushed")
+    add("--value-dtype", default=d.value_dtype, choices=list(VALUE_DTYPES))
+    add("--staleness", default=d.staleness, help="none | drop:K | scale")
+
+
+def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """Build (and so validate) a TrainConfig from parsed flags."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})

@@ -65,3 +65,14 @@ class ServerOptimizer(Protocol):
         grad: FlatParams,
         lr_scale: float = 1.0,
     ) -> None: ...
+
+
+class ShardInfo(NamedTuple):
+    """Where a shard serves and which range it owns (as the coordinator announces it)."""
+
+    shard_id: int
+    data_address: str
+    pub_address: str
+    start: int
+    stop: int
+    incarnation: int = 0

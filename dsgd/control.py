@@ -1,0 +1,150 @@
+"""Control-plane plumbing shared by every process: gRPC servers, channels and the member link.
+
+Every gRPC server dsgd starts also serves the standard ``grpc.health.v1`` service.
+A member (shard or worker) talks to the coordinator through a :class:`CoordinatorLink`:
+calls carry deadlines, failures are retried with backoff, and while the coordinator
+is unreachable the link says so ("waiting for coordinator at ... since 12 s").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dsgd.errors import ConfigError, PeerLost
+from dsgd.proto import control_pb2 as pb
+from dsgd.proto import control_pb2_grpc as pb_grpc
+
+log = logging.getLogger("dsgd.control")
+
+T = TypeVar("T")
+RPC_TIMEOUT = 5.0
+MAX_MESSAGE_BYTES = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+]
+
+
+async def start_grpc_server(
+    host: str, port: int, register: Callable[[grpc.aio.Server], None], what: str
+) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server with health checking; return it and its bound port."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        await server.stop(None)
+        raise ConfigError(
+            f"cannot listen for the {what} on {host}:{port} (port in use or address not "
+            "local); choose another port or stop the process using it"
+        )
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+def check_address(address: str) -> str:
+    """Validate ``HOST:PORT`` (one-line ConfigError otherwise)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {address!r} must look like HOST:PORT, e.g. 127.0.0.1:7070")
+    return address
+
+
+def coordinator_channel(address: str) -> tuple[grpc.aio.Channel, pb_grpc.CoordinatorStub]:
+    channel = grpc.aio.insecure_channel(check_address(address), options=CHANNEL_OPTIONS)
+    return channel, pb_grpc.CoordinatorStub(channel)
+
+
+class CoordinatorLink:
+    """A member's calls to the coordinator, retried until ``give_up_after`` seconds pass."""
+
+    def __init__(self, address: str, *, give_up_after: float = 60.0) -> None:
+        self.address = address
+        self.give_up_after = give_up_after
+        self.channel, self.stub = coordinator_channel(address)
+        self.reachable = True
+        self._down_since: float | None = None
+
+    async def call(self, rpc: Callable[..., Awaitable[T]], request: Any, what: str) -> T:
+        """Call ``rpc(request)`` with a deadline, retrying transient failures with backoff."""
+        delay = 0.05
+        last_report = 0.0
+        while True:
+            try:
+                reply = await rpc(request, timeout=RPC_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise
+                now = time.monotonic()
+                if self._down_since is None:
+                    self._down_since = now
+                waited = now - self._down_since
+                self.reachable = False
+                if waited > self.give_up_after:
+                    raise PeerLost(
+                        f"coordinator at {self.address} unreachable for {waited:.0f} s "
+                        f"({what}); is it running and is the address right?"
+                    ) from None
+                if now - last_report > 5.0 and waited > 1.0:
+                    log.warning(
+                        "waiting for coordinator at %s since %.0f s (%s)",
+                        self.address,
+                        waited,
+                        what,
+                    )
+                    last_report = now
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self._down_since = None
+            self.reachable = True
+            return reply
+
+    async def heartbeat_once(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply | None:
+        """One heartbeat; None when the coordinator is unreachable (training goes on)."""
+        try:
+            reply: pb.HeartbeatReply = await self.stub.Heartbeat(request, timeout=RPC_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            if self.reachable:
+                log.warning(
+                    "coordinator at %s unreachable (%s); training continues",
+                    self.address,
+                    exc.code().name,
+                )
+            self.reachable = False
+            return None
+        if not self.reachable:
+            log.info("coordinator at %s is back", self.address)
+        self.reachable = True
+        return reply
+
+    async def aclose(self) -> None:
+        await self.channel.close()
+
+
+def stats_message(stats: dict[str, Any]) -> pb.MemberStats:
+    """A MemberStats from the ``stats()`` dict of a worker or shard."""
+    return pb.MemberStats(
+        version=int(stats.get("version", 0)),
+        step=int(stats.get("step", 0)),
+        rate=float(stats.get("rate", 0.0)),
+        loss=float(stats.get("loss", 0.0)),
+        counters={k: float(v) for k, v in stats.get("counters", {}).items()},
+    )

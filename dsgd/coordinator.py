@@ -1,0 +1,553 @@
+"""The coordinator: membership, partitions, liveness, evaluation and the end of the run.
+
+It is not on the data path: workers push to and fetch from the shards directly,
+so training continues while the coordinator is down, and members re-register on
+their own when it returns. It holds the cluster's :class:`~dsgd.config.TrainConfig`
+and the model's initial parameters, which it streams to each shard that registers
+without state. Periodically it fetches the shards' current parameters (like any
+worker would) and evaluates them on the held-out split in a thread, ending the run
+when the target accuracy is reached or the budget is spent.
+
+Run it by hand with ``python -m dsgd.coordinator --model MOD:ATTR [--port P]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import zmq.asyncio
+from google.protobuf import json_format
+
+from dsgd.client import ShardClient
+from dsgd.config import TrainConfig, add_config_arguments, config_from_arguments
+from dsgd.control import start_grpc_server
+from dsgd.errors import DsgdError
+from dsgd.model import CompiledModel, ModelSpec, load_model
+from dsgd.process import run_process, setup_logging, write_ready_file
+from dsgd.proto import control_pb2 as pb
+from dsgd.proto import control_pb2_grpc as pb_grpc
+from dsgd.types import FlatParams
+
+log = logging.getLogger("dsgd.coordinator")
+
+TENSOR_CHUNK_ELEMENTS = (1 << 20) // 4  # 1 MiB of float32 per streamed message
+
+
+@dataclass
+class Member:
+    role: Any  # pb.Role
+    member_id: int
+    incarnation: int = 0
+    address: str = ""
+    endpoint: pb.ShardEndpoint | None = None
+    ready: bool = False
+    left: bool = False
+    registered_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    stats: pb.MemberStats = field(default_factory=pb.MemberStats)
+
+
+class Coordinator:
+    """The coordinator's state and logic; :class:`CoordinatorService` adapts it to gRPC."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        compiled: CompiledModel,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        final_params_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.compiled = compiled
+        self.layout = compiled.layout
+        self.initial = compiled.initial_flat()
+        self.host = host
+        self.port = port
+        self.final_params_path = final_params_path
+        self.started = time.monotonic()
+        self.shards: dict[int, Member] = {}
+        self.workers: dict[int, Member] = {}
+        self.history: list[pb.Evaluation] = []
+        self.done = False
+        self.done_reason = ""
+        self.reached_target = False
+        self.final_params: FlatParams | None = None
+        self.shutdown_requested = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self._ctx = zmq.asyncio.Context()
+        self._eval_clients: dict[int, tuple[int, ShardClient]] = {}  # shard -> (incarnation, c)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Listen for gRPC and start evaluating; return the bound port."""
+        self._server, self.port = await start_grpc_server(
+            self.host,
+            self.port,
+            lambda server: pb_grpc.add_CoordinatorServicer_to_server(
+                CoordinatorService(self), server
+            ),
+            "coordinator",
+        )
+        self._tasks.append(asyncio.create_task(self._evaluate_loop(), name="evaluate"))
+        log.info(
+            "coordinator on %s:%d: %s; %d worker(s), target accuracy %.3f",
+            self.host,
+            self.port,
+            self.layout.describe(),
+            self.config.num_workers,
+            self.config.target_accuracy,
+        )
+        return self.port
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _, client in self._eval_clients.values():
+            await client.aclose()
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+        self._ctx.term()
+
+    async def wait_finished(self, linger: float = 30.0) -> None:
+        """Return once the run is over and every member has left (or ``linger`` passed)."""
+        while not (self.done or self.shutdown_requested.is_set()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown_requested.wait(), 0.2)
+        deadline = time.monotonic() + linger
+        while not self.shutdown_requested.is_set() and time.monotonic() < deadline:
+            if all(self.member_state(m) in ("left", "dead") for m in self.all_members()):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown_requested.wait(), 0.1)
+
+    # -- membership ------------------------------------------------------------------------
+
+    def all_members(self) -> list[Member]:
+        return [*self.shards.values(), *self.workers.values()]
+
+    def member_state(self, member: Member) -> str:
+        if member.left:
+            return "left"
+        silent = time.monotonic() - member.last_seen
+        if silent > self.config.heartbeat_timeout:
+            return "dead"
+        if silent > 2 * self.config.heartbeat_interval:
+            return "suspect"
+        return "alive"
+
+    def waiting_for(self) -> str:
+        """What the cluster is waiting for, or '' when every shard and worker is up."""
+        now = time.monotonic()
+        for shard_id in range(self.config.num_shards):
+            shard = self.shards.get(shard_id)
+            if shard is None:
+                return f"shard {shard_id} to register (since {now - self.started:.0f} s)"
+            if not shard.ready:
+                since = now - shard.registered_at
+                return f"shard {shard_id} to load its parameters (since {since:.0f} s)"
+            if self.member_state(shard) == "dead":
+                return f"shard {shard_id} (silent for {now - shard.last_seen:.0f} s)"
+        live = [w for w in self.workers.values() if self.member_state(w) != "dead"]
+        if len(live) < self.config.num_workers and not self.done:
+            return (
+                f"{self.config.num_workers - len(live)} of {self.config.num_workers} workers "
+                f"to register (since {now - self.started:.0f} s)"
+            )
+        return ""
+
+    def shards_ready(self) -> bool:
+        return len(self.shards) == self.config.num_shards and all(
+            s.ready for s in self.shards.values()
+        )
+
+    def register_shard(self, request: pb.RegisterShardRequest) -> pb.RegisterShardReply:
+        shard_id = request.shard_id
+        if not 0 <= shard_id < self.config.num_shards:
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"shard id {shard_id} is outside this cluster's 0..{self.config.num_shards - 1}",
+            )
+        rng = self.layout.ranges[shard_id]
+        endpoint = pb.ShardEndpoint()
+        endpoint.CopyFrom(request.endpoint)
+        endpoint.shard_id, endpoint.start, endpoint.stop = shard_id, rng.start, rng.stop
+        has_state = request.layout_fingerprint == self.layout.fingerprint and request.version > 0
+        member = Member(
+            pb.ROLE_SHARD,
+            shard_id,
+            incarnation=request.endpoint.incarnation,
+            address=endpoint.data_address,
+            endpoint=endpoint,
+        )
+        self.shards[shard_id] = member
+        log.info(
+            "shard %d registered at %s (incarnation %x)",
+            shard_id,
+            endpoint.data_address,
+            endpoint.incarnation,
+        )
+        return pb.RegisterShardReply(
+            num_shards=self.config.num_shards,
+            start=rng.start,
+            stop=rng.stop,
+            layout_fingerprint=self.layout.fingerprint,
+            config_json=self.config.to_json(),
+            send_initial=not has_state,
+        )
+
+    def initial_values(self, shard_id: int) -> FlatParams:
+        rng = self.layout.ranges[shard_id]
+        return self.initial[rng.start : rng.stop]
+
+    def register_worker(self, request: pb.RegisterWorkerRequest) -> pb.RegisterWorkerReply:
+        if request.layout_fingerprint != self.layout.fingerprint:
+            raise _Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker's model layout {request.layout_fingerprint:016x} differs from the "
+                f"cluster's {self.layout.fingerprint:016x} ({self.config.model}); start the "
+                "worker with the cluster's --model",
+            )
+        if not self.shards_ready():
+            return pb.RegisterWorkerReply(ready=False, waiting_for=self.waiting_for())
+        worker_id = self._choose_worker_slot(request.worker_id)
+        self.workers[worker_id] = Member(pb.ROLE_WORKER, worker_id, address=request.host)
+        log.info("worker %d registered from %s", worker_id, request.host or "?")
+        return pb.RegisterWorkerReply(
+            ready=True,
+            worker_id=worker_id,
+            partition=worker_id % self.config.num_workers,
+            num_partitions=self.config.num_workers,
+            shards=self.shard_endpoints(),
+            config_json=self.config.to_json(),
+        )
+
+    def _choose_worker_slot(self, wanted: int) -> int:
+        def free(slot: int) -> bool:
+            member = self.workers.get(slot)
+            return member is None or self.member_state(member) in ("dead", "left")
+
+        if wanted >= 0:
+            if wanted >= self.config.num_workers:
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"worker id {wanted} is outside 0..{self.config.num_workers - 1}",
+                )
+            if not free(wanted):
+                raise _Refused(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"worker {wanted} is alive; omit --worker-id to take a free slot",
+                )
+            return wanted
+        for slot in range(self.config.num_workers):
+            if free(slot):
+                return slot
+        raise _Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"all {self.config.num_workers} worker slots are taken by live workers",
+        )
+
+    def shard_endpoints(self) -> list[pb.ShardEndpoint]:
+        return [
+            self.shards[k].endpoint  # type: ignore[misc]
+            for k in sorted(self.shards)
+            if self.shards[k].endpoint is not None
+        ]
+
+    def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        members = self.shards if request.role == pb.ROLE_SHARD else self.workers
+        member = members.get(request.id)
+        if member is None or (
+            request.role == pb.ROLE_SHARD and member.incarnation != request.incarnation
+        ):
+            return pb.HeartbeatReply(reregister=True)
+        member.last_seen = time.monotonic()
+        member.stats.CopyFrom(request.stats)
+        member.ready = True
+        if request.leaving:
+            member.left = True
+        return pb.HeartbeatReply(
+            shutdown=self.done, reason=self.done_reason, shards=self.shard_endpoints()
+        )
+
+    # -- evaluation and the end of the run ----------------------------------------------------
+
+    async def _evaluate_loop(self) -> None:
+        next_eval = time.monotonic()
+        while not self.done:
+            await asyncio.sleep(max(0.0, next_eval - time.monotonic()))
+            next_eval = time.monotonic() + self.config.eval_every
+            try:
+                await self._evaluate_once()
+            except (DsgdError, OSError) as exc:
+                log.warning("evaluation skipped: %s", exc)
+
+    async def _evaluate_once(self) -> None:
+        elapsed = time.monotonic() - self.started
+        if not self.shards_ready():
+            if elapsed > self.config.max_seconds:
+                await self.finish(f"gave up after {elapsed:.0f} s waiting for {self.waiting_for()}")
+            return
+        flat, total_version = await self.fetch_parameters()
+        metrics = await asyncio.to_thread(self.compiled.evaluate, flat)
+        accuracy = float(metrics.get("accuracy", 0.0))
+        self.history.append(
+            pb.Evaluation(
+                elapsed_seconds=time.monotonic() - self.started,
+                test_accuracy=accuracy,
+                test_loss=float(metrics.get("loss", 0.0)),
+                total_version=total_version,
+                metrics=metrics,
+            )
+        )
+        workers = list(self.workers.values())
+        if accuracy >= self.config.target_accuracy:
+            await self.finish(f"target accuracy {self.config.target_accuracy:.3f} reached", flat)
+            self.reached_target = True
+        elif elapsed > self.config.max_seconds:
+            await self.finish(f"time budget of {self.config.max_seconds:.0f} s spent", flat)
+        elif (
+            self.config.max_steps
+            and len(workers) >= self.config.num_workers
+            and all(w.stats.step >= self.config.max_steps for w in workers)
+        ):
+            await self.finish(f"step budget of {self.config.max_steps} per worker spent", flat)
+
+    async def fetch_parameters(self) -> tuple[FlatParams, int]:
+        """The current full parameter vector, fetched from every shard like a worker would."""
+        flat = np.empty(self.layout.size, np.float32)
+        total = 0
+        for shard_id, member in sorted(self.shards.items()):
+            client = await self._eval_client(shard_id, member)
+            endpoint = member.endpoint
+            assert endpoint is not None
+            version, _ = await client.fetch(flat[endpoint.start : endpoint.stop])
+            total += version
+        return flat, total
+
+    async def _eval_client(self, shard_id: int, member: Member) -> ShardClient:
+        known = self._eval_clients.get(shard_id)
+        if known is not None and known[0] == member.incarnation:
+            return known[1]
+        if known is not None:
+            await known[1].aclose()
+        endpoint = member.endpoint
+        assert endpoint is not None
+        client = ShardClient(
+            shard_id,
+            endpoint.data_address,
+            endpoint.pub_address,
+            self.layout.fingerprint,
+            -1,
+            self._ctx,
+            fetch_timeout=10.0,
+        )
+        await client.start()
+        self._eval_clients[shard_id] = (member.incarnation, client)
+        return client
+
+    async def finish(self, reason: str, flat: FlatParams | None = None) -> None:
+        """End the run: remember why, keep the final parameters, tell members to stop."""
+        if self.done:
+            return
+        if flat is None and self.shards_ready():
+            with contextlib.suppress(DsgdError, OSError):
+                flat, _ = await self.fetch_parameters()
+        self.final_params = flat
+        if flat is not None and self.final_params_path is not None:
+            await asyncio.to_thread(_save_npy, self.final_params_path, flat)
+        self.done_reason = reason
+        self.done = True
+        log.info("run finished: %s", reason)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> pb.ClusterStatus:
+        now = time.monotonic()
+        members = [
+            pb.MemberStatus(
+                role=m.role,
+                id=m.member_id,
+                state=self.member_state(m) if m.ready else "starting",
+                last_seen_seconds=now - m.last_seen,
+                stats=m.stats,
+                address=m.address,
+                incarnation=m.incarnation,
+            )
+            for m in sorted(self.all_members(), key=lambda m: (m.role, m.member_id))
+        ]
+        return pb.ClusterStatus(
+            model=self.config.model,
+            num_params=self.layout.size,
+            layout_fingerprint=self.layout.fingerprint,
+            num_shards=self.config.num_shards,
+            num_workers=self.config.num_workers,
+            elapsed_seconds=now - self.started,
+            members=members,
+            history=self.history,
+            done=self.done,
+            done_reason=self.done_reason,
+            reached_target=self.reached_target,
+            waiting_for=self.waiting_for(),
+            target_accuracy=self.config.target_accuracy,
+            config_json=self.config.to_json(),
+        )
+
+
+def _save_npy(path: Path, flat: FlatParams) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, flat, allow_pickle=False)
+    tmp.replace(path)
+
+
+class _Refused(Exception):
+    """A request refused with a gRPC status and a one-line reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """gRPC adaptor: translates calls to :class:`Coordinator` methods and refusals to statuses."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    async def RegisterShard(self, request: Any, context: Any) -> pb.RegisterShardReply:
+        try:
+            return self.c.register_shard(request)
+        except _Refused as exc:
+            await context.abort(exc.code, str(exc))
+            raise
+
+    async def FetchInitialShard(self, request: Any, context: Any) -> AsyncIterator[pb.TensorChunk]:
+        if request.layout_fingerprint != self.c.layout.fingerprint or not (
+            0 <= request.shard_id < self.c.config.num_shards
+        ):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "unknown shard or another model's layout"
+            )
+        values = self.c.initial_values(request.shard_id)
+        for start in range(0, max(values.size, 1), TENSOR_CHUNK_ELEMENTS):
+            piece = values[start : start + TENSOR_CHUNK_ELEMENTS]
+            yield pb.TensorChunk(
+                name="params", offset=start, total=values.size, data=piece.tobytes()
+            )
+
+    async def RegisterWorker(self, request: Any, context: Any) -> pb.RegisterWorkerReply:
+        try:
+            return self.c.register_worker(request)
+        except _Refused as exc:
+            await context.abort(exc.code, str(exc))
+            raise
+
+    async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
+        return self.c.heartbeat(request)
+
+    async def Status(self, request: Any, context: Any) -> pb.ClusterStatus:
+        return self.c.status()
+
+    async def Shutdown(self, request: Any, context: Any) -> pb.ShutdownReply:
+        if not self.c.done:
+            await self.c.finish(request.reason or "shutdown requested")
+        self.c.shutdown_requested.set()
+        return pb.ShutdownReply()
+
+
+async def run_coordinator(
+    config: TrainConfig,
+    stop: asyncio.Event,
+    *,
+    spec: ModelSpec | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready_file: str | None = None,
+    final_params_path: Path | None = None,
+    linger: float = 30.0,
+) -> Coordinator:
+    """Coordinate one run until it is over (or ``stop``); return the closed coordinator."""
+    if spec is None:
+        spec = load_model(config.model, seed=config.seed)
+    compiled = await asyncio.to_thread(CompiledModel, spec, config.num_shards)
+    coordinator = Coordinator(
+        config, compiled, host=host, port=port, final_params_path=final_params_path
+    )
+    try:
+        bound = await coordinator.start()
+        write_ready_file(ready_file, {"address": f"{host}:{bound}"})
+        finished = asyncio.create_task(coordinator.wait_finished(linger))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (finished, stopped):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not coordinator.done:
+            await coordinator.finish("stopped by signal")
+    finally:
+        await coordinator.aclose()
+    return coordinator
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsgd.coordinator", description="Run the dsgd coordinator."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    parser.add_argument("--ready-file", help="write the bound address here (JSON) once serving")
+    parser.add_argument("--final-params", type=Path, help="save the final parameters (.npy)")
+    parser.add_argument("--status-file", type=Path, help="write the final status (JSON) here")
+    parser.add_argument("--linger", type=float, default=30.0, help="seconds to wait for members")
+    parser.add_argument("--log-level", default="INFO")
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("coordinator", args.log_level)
+
+    async def coordinator_main(stop: asyncio.Event) -> int:
+        config = config_from_arguments(args)
+        coordinator = await run_coordinator(
+            config,
+            stop,
+            host=args.host,
+            port=args.port,
+            ready_file=args.ready_file,
+            final_params_path=args.final_params,
+            linger=args.linger,
+        )
+        if args.status_file:
+            text = json_format.MessageToJson(coordinator.status(), preserving_proto_field_name=True)
+            args.status_file.write_text(text)
+        return 0
+
+    return run_process("coordinator", coordinator_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Small counters shared by the shard and the worker: rates, staleness, rate-limited logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+
+# Staleness histogram buckets: [0], [1], [2, 3], [4, 7], ... [512, inf)
+STALENESS_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class StalenessHistogram:
+    """A fixed-bucket histogram of update staleness (versions between fetch and apply)."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(len(STALENESS_EDGES), np.int64)
+        self.total = 0
+        self.maximum = 0
+
+    def add(self, staleness: int) -> None:
+        bucket = int(np.searchsorted(STALENESS_EDGES, staleness, side="right")) - 1
+        self.counts[max(bucket, 0)] += 1
+        self.total += 1
+        self.maximum = max(self.maximum, staleness)
+
+    def merge(self, other: StalenessHistogram) -> None:
+        self.counts += other.counts
+        self.total += other.total
+        self.maximum = max(self.maximum, other.maximum)
+
+    def percentile(self, q: float) -> float:
+        """The lower edge of the bucket holding the q-th percentile (0 when empty)."""
+        if self.total == 0:
+            return 0.0
+        rank = q / 100.0 * self.total
+        cumulative = np.cumsum(self.counts)
+        bucket = int(np.searchsorted(cumulative, rank, side="left"))
+        return float(STALENESS_EDGES[min(bucket, len(STALENESS_EDGES) - 1)])
+
+
+class RateMeter:
+    """Events per second over a sliding window of about ``window`` seconds."""
+
+    def __init__(self, window: float = 5.0) -> None:
+        self.window = window
+        self._marks: list[tuple[float, int]] = [(time.monotonic(), 0)]
+        self.count = 0
+
+    def add(self, n: int = 1) -> None:
+        self.count += n
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        self._marks.append((now, self.count))
+        while len(self._marks) > 2 and now - self._marks[1][0] > self.window:
+            self._marks.pop(0)
+        t0, c0 = self._marks[0]
+        return (self.count - c0) / (now - t0) if now > t0 else 0.0
+
+
+class RateLimitedLog:
+    """Logs at most one line per ``interval`` seconds per key, counting what it held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 5.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.interval:
+            held = self._held.pop(key, 0)
+            suffix = f" ({held} more like it since the last report)" if held else ""
+            self.logger.warning("%s%s", message, suffix)
+            self._last[key] = now
+        else:
+            self._held[key] += 1
