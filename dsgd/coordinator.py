@@ -521,6 +521,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--final-params", type=Path, help="save the final parameters (.npy)")
     parser.add_argument("--status-file", type=Path, help="write the final status (JSON) here")
     parser.add_argument("--linger", type=float, default=30.0, help="seconds to wait for members")
+    parser.add_argument("--config-file", type=Path, help="TrainConfig JSON (overrides the flags)")
     parser.add_argument("--log-level", default="INFO")
     add_config_arguments(parser)
     return parser.parse_args(argv)
@@ -531,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("coordinator", args.log_level)
 
     async def coordinator_main(stop: asyncio.Event) -> int:
-        config = config_from_arguments(args)
+        if args.config_file:
+            config = TrainConfig.from_json(args.config_file.read_text())
+        else:
+            config = config_from_arguments(args)
         coordinator = await run_coordinator(
             config,
             stop,

@@ -1,0 +1,80 @@
+"""The ``dsgd`` command: ``start`` a local cluster, read a cluster's ``status``, run one role.
+
+dsgd start [--workers N] [--shards S] [--model MOD:ATTR] ...   (scripts/start_cluster.sh)
+dsgd status --coordinator HOST:PORT [--json]
+dsgd coordinator|server|worker ...                              (same as python -m dsgd.ROLE)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from dsgd.config import add_config_arguments, config_from_arguments
+from dsgd.control import check_address
+from dsgd.errors import DsgdError
+from dsgd.process import EXIT_USER_ERROR
+from dsgd.proto import control_pb2 as pb
+from dsgd.proto import control_pb2_grpc as pb_grpc
+from dsgd.report import status_table
+
+
+def _start(args: argparse.Namespace) -> int:
+    from dsgd.supervisor import start
+
+    return start(config_from_arguments(args), run_dir=args.run_dir, out=args.out)
+
+
+def _status(args: argparse.Namespace) -> int:
+    address = check_address(args.coordinator)
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=5.0)
+        except grpc.RpcError as exc:
+            raise DsgdError(
+                f"no coordinator answered at {address} ({exc.code().name}); "
+                "is the cluster running and is the address right?"
+            ) from None
+    if args.json:
+        print(json_format.MessageToJson(status, preserving_proto_field_name=True))  # noqa: T201
+    else:
+        print(status_table(status))  # noqa: T201
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    roles = {"coordinator": "dsgd.coordinator", "server": "dsgd.server", "worker": "dsgd.worker"}
+    if argv and argv[0] in roles:
+        import importlib
+
+        module = importlib.import_module(roles[argv[0]])
+        return int(module.main(argv[1:]))
+
+    parser = argparse.ArgumentParser(prog="dsgd", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="run a local cluster and train to the target")
+    add_config_arguments(start)
+    start.add_argument("--run-dir", type=Path, help="logs and results (default runs/<time>/)")
+    start.add_argument("--out", type=Path, help="also write the JSON summary to this file")
+    start.set_defaults(func=_start)
+    status = commands.add_parser("status", help="print a running cluster's members and progress")
+    status.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.set_defaults(func=_status)
+    for role in roles:
+        commands.add_parser(role, help=f"run one {role} (see python -m {roles[role]} --help)")
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DsgdError as exc:
+        print(f"dsgd: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
