@@ -17,6 +17,8 @@ from dsgd.errors import (
     Stale,
 )
 from dsgd.layout import Layout
+from dsgd.local import TrainResult, train
+from dsgd.model import Dataset, ModelSpec, load_model, softmax_cross_entropy
 
 __all__ = [
     "CheckpointError",
@@ -30,4 +32,10 @@ __all__ = [
     "ProtocolError",
     "Stale",
     "TrainConfig",
+    "TrainResult",
+    "Dataset",
+    "ModelSpec",
+    "load_model",
+    "softmax_cross_entropy",
+    "train",
 ]

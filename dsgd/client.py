@@ -270,11 +270,11 @@ class ShardClient:
     def _on_error(self, header: wire.Header) -> None:
         self.errors.append(header.status)
         error = ProtocolError(f"shard {self.shard_id} refused a request: {header.status}")
-        fetch = self._fetches.get(header.seq)
+        fetch = self._fetches.get(header.seq) if header.about == wire.FETCH else None
         if fetch is not None and not fetch.done.done():
             fetch.done.set_exception(error)
             return
-        push = self._pushes.get(header.seq)
+        push = self._pushes.get(header.seq) if header.about == wire.PUSH else None
         if push is not None and not push.done.done():
             push.statuses[header.chunk] = f"rejected: {header.status}"
             if len(push.statuses) >= push.nchunks:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from dsgd.types import FlatParams
 log = logging.getLogger("dsgd.coordinator")
 
 TENSOR_CHUNK_ELEMENTS = (1 << 20) // 4  # 1 MiB of float32 per streamed message
+SHARD_GRACE = 15.0  # seconds shards keep serving after the run ends, for workers to drain
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Coordinator:
         self.history: list[pb.Evaluation] = []
         self.done = False
         self.done_reason = ""
+        self.done_at = 0.0
         self.reached_target = False
         self.final_params: FlatParams | None = None
         self.shutdown_requested = asyncio.Event()
@@ -288,8 +290,19 @@ class Coordinator:
         if request.leaving:
             member.left = True
         return pb.HeartbeatReply(
-            shutdown=self.done, reason=self.done_reason, shards=self.shard_endpoints()
+            shutdown=self._should_stop(member),
+            reason=self.done_reason,
+            shards=self.shard_endpoints(),
         )
+
+    def _should_stop(self, member: Member) -> bool:
+        """Workers stop as soon as the run is over; shards once no worker still needs them."""
+        if not self.done:
+            return False
+        if member.role == pb.ROLE_WORKER:
+            return True
+        workers_gone = all(self.member_state(w) in ("left", "dead") for w in self.workers.values())
+        return workers_gone or time.monotonic() - self.done_at > SHARD_GRACE
 
     # -- evaluation and the end of the run ----------------------------------------------------
 
@@ -330,8 +343,8 @@ class Coordinator:
         elif (
             self.config.max_steps
             and len(workers) >= self.config.num_workers
-            and all(w.stats.step >= self.config.max_steps for w in workers)
-        ):
+            and all(w.left and w.stats.step >= self.config.max_steps for w in workers)
+        ):  # workers leave only once their last push is acknowledged: nothing is in flight
             await self.finish(f"step budget of {self.config.max_steps} per worker spent", flat)
 
     async def fetch_parameters(self) -> tuple[FlatParams, int]:
@@ -378,6 +391,7 @@ class Coordinator:
         if flat is not None and self.final_params_path is not None:
             await asyncio.to_thread(_save_npy, self.final_params_path, flat)
         self.done_reason = reason
+        self.done_at = time.monotonic()
         self.done = True
         log.info("run finished: %s", reason)
 
@@ -486,8 +500,12 @@ async def run_coordinator(
     ready_file: str | None = None,
     final_params_path: Path | None = None,
     linger: float = 30.0,
+    on_ready: Callable[[str], None] | None = None,
 ) -> Coordinator:
-    """Coordinate one run until it is over (or ``stop``); return the closed coordinator."""
+    """Coordinate one run until it is over (or ``stop``); return the closed coordinator.
+
+    ``on_ready(address)`` is called once the gRPC server listens.
+    """
     if spec is None:
         spec = load_model(config.model, seed=config.seed)
     compiled = await asyncio.to_thread(CompiledModel, spec, config.num_shards)
@@ -497,6 +515,8 @@ async def run_coordinator(
     try:
         bound = await coordinator.start()
         write_ready_file(ready_file, {"address": f"{host}:{bound}"})
+        if on_ready is not None:
+            on_ready(f"{host}:{bound}")
         finished = asyncio.create_task(coordinator.wait_finished(linger))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -214,16 +214,16 @@ class ShardServer:
             return
         identity, message = frames[0], frames[1:]
         self.counters["bytes_received"] += wire.payload_bytes(message)
-        if not self.installed:
-            reason = f"shard {self.shard_id} has no parameters yet; retry shortly"
-            self._reject("not_ready", reason)
-            await self._reply(identity, self._error_header(reason))
-            return
         try:
             header, arrays = wire.decode(message)
         except ProtocolError as exc:
             self._reject("malformed", str(exc))
             await self._reply(identity, self._error_header(str(exc)))
+            return
+        if not self.installed:
+            reason = f"shard {self.shard_id} has no parameters yet; retry shortly"
+            self._reject("not_ready", reason)
+            await self._reply(identity, self._error_header(reason, header))
             return
         if header.fingerprint != self.fingerprint or header.shard != self.shard_id:
             reason = (
@@ -376,6 +376,7 @@ class ShardServer:
         return replace(
             base,
             kind=wire.ERROR,
+            about=request.kind if request is not None else "",
             count=0,
             encoding=wire.DENSE,
             dtype="float32",

@@ -86,7 +86,8 @@ class Header:
     count: int = 0
     encoding: str = DENSE
     dtype: str = "float32"
-    status: str = ""
+    status: str = ""  # ACK: applied | duplicate | stale | rejected: why; ERROR: why
+    about: str = ""  # ERROR: the kind of the request it answers
     protocol: int = PROTOCOL_VERSION
 
 

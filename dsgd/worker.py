@@ -84,6 +84,8 @@ class Worker:
         self.server_params: FlatParams = np.empty(size, np.float32)  # as last fetched
         self.params: FlatParams = np.empty(size, np.float32)  # with local steps applied
         self.held_versions = [-1] * len(self.shards)
+        # our own push moves a shard's version before its broadcast says so
+        self._pushed_since_fetch = [False] * len(self.shards)
         self.step = 0
         self.seq = 0
         self.loss = float("nan")
@@ -145,7 +147,12 @@ class Worker:
         )
         while not stop.is_set() and not (config.max_steps and self.step >= config.max_steps):
             if self.step and self.step % config.n_fetch == 0:
-                await self.fetch()
+                try:
+                    await self.fetch()
+                except PeerLost:
+                    if stop.is_set():  # the run ended while we waited: nothing is lost
+                        break
+                    raise
             x, y = next(stream)
             loss, grad = await asyncio.to_thread(self.compiled.gradient, self.params, x, y)
             update += grad
@@ -181,12 +188,13 @@ class Worker:
         changed = False
         for k, (client, shard) in enumerate(zip(self.clients, self.shards, strict=True)):
             held = self.held_versions[k]
-            if held >= 0 and client.broadcast_version == held:
+            if held >= 0 and not self._pushed_since_fetch[k] and client.broadcast_version == held:
                 self.counters["fetches_skipped"] += 1
                 continue
             dest = self.server_params[shard.start : shard.stop]
             version, nbytes = await client.fetch(dest, since=held)
             self.held_versions[k] = version
+            self._pushed_since_fetch[k] = False
             self.counters["fetches"] += 1
             self.counters["bytes_fetched"] += nbytes
             changed = True
@@ -225,6 +233,7 @@ class Worker:
             messages = list(wire.dense_chunks(template, values, self.config.chunk_bytes))
             before = client.bytes_pushed
             await client.push(seq, messages, self._on_push_done)
+            self._pushed_since_fetch[k] = True
             self.counters["bytes_pushed"] += client.bytes_pushed - before
         self.counters["pushes"] += 1
 
@@ -334,9 +343,14 @@ async def _first(run: Any, finished: Any, stop: asyncio.Event) -> None:
         await asyncio.wait({run_task, finished_task}, return_when=asyncio.FIRST_COMPLETED)
         if not run_task.done():
             stop.set()  # the run loop sees it after the current step, then drains
-            await run_task
-        else:
-            run_task.result()
+            done, _ = await asyncio.wait({run_task}, timeout=DRAIN_TIMEOUT + 5.0)
+            if not done:
+                log.warning("training loop did not stop in time; cancelling it")
+                run_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run_task
+                return
+        run_task.result()
     finally:
         finished_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

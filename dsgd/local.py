@@ -1,0 +1,158 @@
+"""``dsgd.train``: a whole local cluster inside one Python process, for notebooks and tests.
+
+The coordinator, every shard and every worker run in their own thread with their own
+event loop, talking over real sockets on 127.0.0.1 exactly as separate processes
+would. Unlike ``scripts/start_cluster.sh``, the model may be a :class:`ModelSpec`
+object defined in the notebook itself (nothing is pickled or re-imported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+
+from dsgd.config import TrainConfig
+from dsgd.coordinator import Coordinator, run_coordinator
+from dsgd.errors import DsgdError
+from dsgd.layout import Layout
+from dsgd.model import ModelSpec, load_model
+from dsgd.report import summarize
+from dsgd.server import run_shard
+from dsgd.types import PyTree
+from dsgd.worker import run_worker
+
+JOIN_TIMEOUT = 60.0
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    params: PyTree  # the final parameters, shaped like the model's initial ones
+    history: list[dict[str, float]]  # one entry per evaluation: elapsed_seconds, accuracy, ...
+    summary: dict[str, Any]  # the same summary start_cluster.sh prints
+    status: dict[str, Any]  # the coordinator's final status (members and their counters)
+
+
+class _Role(threading.Thread):
+    """One role's event loop in a thread; ``stop()`` may be called from any thread."""
+
+    def __init__(self, name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]):
+        super().__init__(name=name, daemon=True)
+        self._main = main
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self.started_event = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        async def body() -> Any:
+            self._loop = asyncio.get_running_loop()
+            self._stop_event = asyncio.Event()
+            self.started_event.set()
+            return await self._main(self._stop_event)
+
+        try:
+            self.result = asyncio.run(body())
+        except BaseException as exc:  # reported by train()
+            self.error = exc
+        finally:
+            self.started_event.set()
+
+    def request_stop(self) -> None:
+        self.started_event.wait()
+        loop, stop = self._loop, self._stop_event
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop finished meanwhile
+                pass
+
+
+def train(
+    model: ModelSpec | str,
+    *,
+    num_workers: int = 2,
+    num_shards: int = 2,
+    config: TrainConfig | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train ``model`` with Downpour SGD on a local cluster; return parameters and history.
+
+    ``model`` is a :class:`ModelSpec` or ``"package.module:factory"``. Any
+    :class:`TrainConfig` field can be given as a keyword (``lr=0.05``, ``max_seconds=60``).
+    """
+    base = config or TrainConfig()
+    name = model if isinstance(model, str) else f"{getattr(model, 'name', 'model')}:<in-process>"
+    config = base.with_(model=name, num_workers=num_workers, num_shards=num_shards, **overrides)
+    spec = load_model(model, seed=config.seed) if isinstance(model, str) else model
+    port_ready = threading.Event()
+    address: list[str] = []
+
+    def announce(addr: str) -> None:
+        address.append(addr)
+        port_ready.set()
+
+    async def coordinator_main(stop: asyncio.Event) -> Coordinator:
+        return await run_coordinator(
+            config, stop, spec=spec, linger=JOIN_TIMEOUT, on_ready=announce
+        )
+
+    coordinator = _Role("dsgd-coordinator", coordinator_main)
+    coordinator.start()
+    while not port_ready.wait(0.05):
+        if not coordinator.is_alive():
+            raise coordinator.error or DsgdError("the coordinator did not start")
+    roles: list[_Role] = []
+    addr = address[0]
+    try:
+        roles += [_Role(f"dsgd-shard{k}", _bind(run_shard, addr, k)) for k in range(num_shards)]
+        roles += [_Role(f"dsgd-worker{k}", _worker_main(addr, spec, k)) for k in range(num_workers)]
+        for role in roles:
+            role.start()
+        coordinator.join()
+    except KeyboardInterrupt:
+        coordinator.request_stop()
+        raise
+    finally:
+        for role in roles:
+            role.request_stop()
+        for role in roles:
+            role.join(JOIN_TIMEOUT)
+    for role in [coordinator, *roles]:
+        if role.error is not None:
+            raise role.error
+    final: Coordinator = coordinator.result
+    status = final.status()
+    summary = summarize(status, status.elapsed_seconds)
+    if final.final_params is None:
+        raise DsgdError(f"the run ended without final parameters: {final.done_reason}")
+    layout: Layout = final.layout
+    history = [
+        {"elapsed_seconds": h.elapsed_seconds, "test_accuracy": h.test_accuracy, **h.metrics}
+        for h in status.history
+    ]
+    return TrainResult(
+        params=layout.unflatten(final.final_params),
+        history=history,
+        summary=summary,
+        status=json_format.MessageToDict(status, preserving_proto_field_name=True),
+    )
+
+
+def _bind(
+    fn: Callable[..., Coroutine[Any, Any, Any]], address: str, shard_id: int
+) -> Callable[[asyncio.Event], Coroutine[Any, Any, Any]]:
+    return lambda stop: fn(address, shard_id, stop)
+
+
+def _worker_main(
+    address: str, spec: ModelSpec, worker_id: int
+) -> Callable[[asyncio.Event], Coroutine[Any, Any, Any]]:
+    return lambda stop: run_worker(address, stop, spec=spec, worker_id=worker_id)

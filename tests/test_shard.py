@@ -1,0 +1,206 @@
+"""A live shard over real ZeroMQ sockets on 127.0.0.1: apply, acknowledge, fetch, reject."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq.asyncio
+
+from dsgd import wire
+from dsgd.client import ShardClient
+from dsgd.shard import BLOCK, ShardServer
+from tests.conftest import FINGERPRINT, make_shard
+
+
+class Harness:
+    """A shard being served, and a client (worker 7) talking to it."""
+
+    def __init__(self, server: ShardServer, client: ShardClient, task: asyncio.Task[None]) -> None:
+        self.server, self.client, self.task = server, client, task
+        self.done: dict[int, Any] = {}
+
+    def on_done(self, seq: int, result: Any) -> None:
+        self.done[seq] = result
+
+    def header(self, seq: int, base_version: int = 0, **kw: Any) -> wire.Header:
+        fields = dict(kind=wire.PUSH, fingerprint=FINGERPRINT, shard=0, worker=7, seq=seq)
+        fields.update(base_version=base_version, **kw)
+        return wire.Header(**fields)
+
+    async def push_dense(self, seq: int, values: np.ndarray, base_version: int = 0) -> list[str]:
+        messages = list(wire.dense_chunks(self.header(seq, base_version), values, 1 << 14))
+        await self.client.push(seq, messages, self.on_done)
+        async with asyncio.timeout(10):
+            await self.client.drain()
+        return self.done[seq]
+
+    async def send_raw(self, frames: list[Any]) -> None:
+        assert self.client._dealer is not None
+        await self.client._dealer.send_multipart(frames)
+
+    async def fetch(self) -> np.ndarray:
+        dest = np.empty(self.server.state.params.size, np.float32)
+        await self.client.fetch(dest)
+        return dest
+
+
+@pytest.fixture
+async def harness(zmq_ctx: zmq.asyncio.Context, request: pytest.FixtureRequest):
+    kwargs = getattr(request, "param", {})
+    server = await make_shard(**kwargs)
+    task = asyncio.create_task(server.serve())
+    client = ShardClient(0, server.data_address, server.pub_address, FINGERPRINT, 7, zmq_ctx)
+    await client.start()
+    yield Harness(server, client, task)
+    await client.aclose()
+    await server.aclose()
+    await asyncio.wait_for(task, 5)  # serve() returns once the shard is closed
+
+
+async def test_fetch_returns_the_range(harness: Harness) -> None:
+    np.testing.assert_array_equal(await harness.fetch(), harness.server.state.params)
+
+
+async def test_dense_push_applies_sgd_and_is_acknowledged(harness: Harness) -> None:
+    before = harness.server.state.params.copy()
+    grad = np.random.default_rng(1).standard_normal(before.size).astype(np.float32)
+    statuses = await harness.push_dense(1, grad)
+    assert statuses == ["applied"] * len(statuses) and len(statuses) > 1
+    np.testing.assert_allclose(harness.server.state.params, before - np.float32(0.1) * grad)
+    assert harness.server.state.version == 1  # the version counts pushes, not chunks
+    np.testing.assert_array_equal(await harness.fetch(), harness.server.state.params)
+
+
+async def test_duplicate_and_reordered_chunks_apply_exactly_once(harness: Harness) -> None:
+    before = harness.server.state.params.copy()
+    grad = np.ones(before.size, np.float32)
+    messages = list(wire.dense_chunks(harness.header(5), grad, 1 << 14))
+    for frames in [*reversed(messages), *messages]:  # out of order, then all again
+        await harness.send_raw([bytes(f) for f in frames])
+    fresh = await harness.fetch()  # served after every chunk above (same socket, in order)
+    np.testing.assert_allclose(fresh, before - np.float32(0.1))
+    assert harness.server.counters["duplicates"] == len(messages)
+    assert harness.server.state.version == 1
+
+
+def _frames(header: wire.Header, values: bytes, **changes: Any) -> list[bytes]:
+    return [wire.pack_header(replace(header, **changes)), values]
+
+
+NAN = np.full(16, np.nan, np.float32).tobytes()
+INF = np.full(16, -np.inf, np.float32).tobytes()
+
+
+@pytest.mark.parametrize(
+    "mutate, counter",
+    [
+        (lambda h, v: [b"\xc1garbage", v], "malformed"),
+        (lambda h, v: [msgpack.packb([1, 2, 3]), v], "malformed"),
+        (lambda h, v: [wire.pack_header(h), v[:-4]], "malformed"),
+        (lambda h, v: [wire.pack_header(h)], "malformed"),
+        (lambda h, v: _frames(h, v, protocol=99), "malformed"),
+        (lambda h, v: _frames(h, v, fingerprint=FINGERPRINT + 1), "layout"),
+        (lambda h, v: _frames(h, v, shard=3), "layout"),
+        (lambda h, v: _frames(h, v, offset=10_000 - 8), "range"),
+        (lambda h, v: _frames(h, NAN), "nonfinite"),
+        (lambda h, v: _frames(h, INF), "nonfinite"),
+        (lambda h, v: _frames(h, v, worker=-3), "worker"),
+        (lambda h, v: _frames(h, b"", kind=wire.PARAMS, count=0), "kind"),
+    ],
+)
+async def test_bad_message_is_rejected_counted_and_changes_nothing(
+    harness: Harness, mutate: Any, counter: str
+) -> None:
+    before = harness.server.state.params.copy()
+    header = harness.header(1, count=16, offset=0)
+    await harness.send_raw(mutate(header, np.ones(16, np.float32).tobytes()))
+    np.testing.assert_array_equal(await harness.fetch(), before)  # still serving
+    assert harness.server.rejected[counter] == 1
+    np.testing.assert_array_equal(harness.server.state.params, before)
+    assert harness.server.state.version == 0
+
+
+async def test_sparse_push_rejects_out_of_range_and_unsorted_indices(harness: Harness) -> None:
+    size = harness.server.state.params.size
+    before = harness.server.state.params.copy()
+    bad = [np.array([1, size], np.uint32), np.array([5, 3], np.uint32), np.array([4, 4], np.uint32)]
+    for seq, idx in enumerate(bad, start=1):
+        vals = np.ones(idx.size, np.float32)
+        (frames,) = wire.sparse_chunks(harness.header(seq), idx, vals)
+        await harness.send_raw([bytes(f) for f in frames])
+    await harness.fetch()
+    assert harness.server.rejected["range"] == 1 and harness.server.rejected["order"] == 2
+    np.testing.assert_array_equal(harness.server.state.params, before)
+
+
+async def test_sparse_pull_sends_only_changed_blocks_and_reconstructs_exactly(
+    harness: Harness,
+) -> None:
+    size = harness.server.state.params.size
+    mine = await harness.fetch()
+    idx = np.array([3, 700, 701, size - 1], np.uint32)
+    (frames,) = wire.sparse_chunks(harness.header(1), idx, np.ones(4, np.float32))
+    await harness.send_raw([bytes(f) for f in frames])
+    _, nbytes = await harness.client.fetch(mine, since=0)
+    np.testing.assert_array_equal(mine, harness.server.state.params)
+    changed_blocks = len({int(i) // BLOCK for i in idx})
+    assert nbytes < changed_blocks * BLOCK * 8 + 1024  # far less than the 40 KB range
+    assert harness.server.counters["fetches_sparse"] == 1
+
+
+@pytest.mark.parametrize("harness", [{"staleness": "drop:2"}], indirect=True)
+async def test_drop_policy_refuses_stale_pushes(harness: Harness) -> None:
+    grad = np.ones(harness.server.state.params.size, np.float32)
+    for seq in range(1, 5):
+        await harness.push_dense(seq, grad, base_version=0)
+    # versions when each arrived: 0, 1, 2 (accepted: staleness <= 2), then 3 > 2: dropped
+    assert harness.done[4][0] == "stale"
+    assert harness.server.state.version == 3
+    assert harness.server.counters["dropped_stale"] >= 1
+
+
+@pytest.mark.parametrize("harness", [{"staleness": "scale"}], indirect=True)
+async def test_scale_policy_divides_the_step_by_one_plus_staleness(harness: Harness) -> None:
+    grad = np.ones(harness.server.state.params.size, np.float32)
+    await harness.push_dense(1, grad, base_version=0)
+    before = harness.server.state.params.copy()
+    await harness.push_dense(2, grad, base_version=0)  # staleness 1: half the step
+    np.testing.assert_allclose(harness.server.state.params, before - np.float32(0.05), rtol=1e-6)
+
+
+async def test_version_is_broadcast(harness: Harness) -> None:
+    await harness.push_dense(1, np.ones(harness.server.state.params.size, np.float32))
+    async with asyncio.timeout(5):
+        while harness.client.broadcast_version != 1:  # noqa: ASYNC110 - polling a plain int
+            await asyncio.sleep(0.01)
+    assert harness.client.incarnation == harness.server.incarnation
+
+
+async def test_uninstalled_shard_refuses_with_a_reason(zmq_ctx: zmq.asyncio.Context) -> None:
+    server = ShardServer(0, context=zmq_ctx)
+    await server.start()
+    task = asyncio.create_task(server.serve())
+    client = ShardClient(0, server.data_address, server.pub_address, FINGERPRINT, 1, zmq_ctx)
+    await client.start()
+    try:
+        with pytest.raises(Exception, match="no parameters yet"):
+            await client.fetch(np.empty(4, np.float32))
+    finally:
+        await client.aclose()
+        await server.aclose()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_port_in_use_is_a_clear_error(harness: Harness) -> None:
+    from dsgd.errors import ConfigError
+
+    port = int(harness.server.data_address.rsplit(":", 1)[1])
+    other = ShardServer(0, data_port=port)
+    with pytest.raises(ConfigError, match="choose another port"):
+        await other.start()
+    await other.aclose()
