@@ -51,6 +51,13 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = _FIELD_TYPES[str(f.type)]
+            if type(value) not in allowed:  # bool is not an int here
+                kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+                raise ConfigError(f"{_flag(f.name)} must be of type {kinds}, got {value!r}")
+
         need(
             ":" in self.model,
             f"--model must look like package.module:factory, got {self.model!r}",
@@ -111,6 +118,8 @@ class TrainConfig:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"configuration is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("configuration must be a JSON object of TrainConfig fields")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -119,6 +128,19 @@ class TrainConfig:
 
     def with_(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "float | None": (int, float, type(None)),
+    "str": (str,),
+}
+_FLAGS = {"num_workers": "--workers", "num_shards": "--shards"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _positive(x: float) -> bool:
@@ -130,7 +152,7 @@ def parse_staleness(policy: str) -> tuple[str, int]:
     if policy in ("none", "scale"):
         return policy, 0
     kind, _, bound = policy.partition(":")
-    if kind == "drop" and bound.isdigit():
+    if kind == "drop" and bound.isascii() and bound.isdigit():
         return "drop", int(bound)
     raise ConfigError(f"--staleness must be none, drop:K (K an integer) or scale, got {policy!r}")
 

@@ -48,7 +48,7 @@ class Layout:
         paths, shapes = [], []
         for path, leaf in leaves_with_paths:
             arr = np.asarray(leaf)
-            if not np.issubdtype(arr.dtype, np.floating):
+            if not jax.numpy.issubdtype(arr.dtype, jax.numpy.floating):
                 raise ModelError(
                     f"parameter {jax.tree_util.keystr(path)} has dtype {arr.dtype}; "
                     "dsgd trains floating-point parameters only"
@@ -93,8 +93,14 @@ class Layout:
         if len(leaves) != len(self.shapes):
             raise ModelError(f"expected {len(self.shapes)} parameter arrays, got {len(leaves)}")
         out = np.empty(self.size, np.float32)
-        for leaf, offset, size in zip(leaves, self.offsets, self.sizes, strict=True):
-            out[offset : offset + size] = np.asarray(leaf, np.float32).ravel()
+        for i, leaf in enumerate(leaves):
+            arr = np.asarray(leaf, np.float32)
+            if arr.shape != self.shapes[i]:
+                raise ModelError(
+                    f"parameter {self.paths[i]} has shape {arr.shape}, "
+                    f"the layout expects {self.shapes[i]}"
+                )
+            out[self.offsets[i] : self.offsets[i] + self.sizes[i]] = arr.ravel()
         return out
 
     def unflatten(self, flat: Any) -> PyTree:

@@ -62,6 +62,8 @@ def batches(
     Every batch has exactly ``batch_size`` examples (the tail of an epoch that does
     not fill a batch is dropped), so the jitted step compiles once.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(x)
     batch_size = min(batch_size, n)
     rng = np.random.default_rng(seed)

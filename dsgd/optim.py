@@ -73,6 +73,7 @@ class Adagrad:
         grad: FlatParams,
         lr_scale: float = 1.0,
     ) -> None:
+        grad = np.asarray(grad, np.float32)  # float16 squares overflow past 256
         stop = offset + grad.size
         acc = state["accumulator"][offset:stop]
         acc += grad * grad
@@ -86,6 +87,7 @@ class Adagrad:
         grad: FlatParams,
         lr_scale: float = 1.0,
     ) -> None:
+        grad = np.asarray(grad, np.float32)
         acc_all = state["accumulator"]
         acc = acc_all[indices] + grad * grad
         acc_all[indices] = acc

@@ -130,25 +130,18 @@ def test_with_validates_the_new_values() -> None:
         config.with_(num_workers=0)
 
 
-# Known bugs below are strict xfails: each XPASSes (and so fails) once fixed; then
-# delete its marker. TrainConfig.__post_init__ never checks types, so a float where an
-# int belongs passes and other types escape as TypeError/AttributeError; from_json
-# passes any JSON document to cls(**raw); parse_staleness trusts str.isdigit().
-TYPE_BUG = pytest.mark.xfail(strict=True, reason="TrainConfig does not check field types")
-
-
 @pytest.mark.parametrize(
     ("field", "value", "flag"),
     [
-        pytest.param("num_workers", 2.5, "--workers", marks=TYPE_BUG),
-        pytest.param("num_workers", "2", "--workers", marks=TYPE_BUG),
-        pytest.param("num_shards", None, "--shards", marks=TYPE_BUG),
-        pytest.param("lr", "0.1", "--lr", marks=TYPE_BUG),
-        pytest.param("max_seconds", None, "--max-seconds", marks=TYPE_BUG),
-        pytest.param("chunk_bytes", 65536.5, "--chunk-bytes", marks=TYPE_BUG),
-        pytest.param("model", 5, "--model", marks=TYPE_BUG),
+        ("num_workers", 2.5, "--workers"),
+        ("num_workers", "2", "--workers"),
+        ("num_shards", None, "--shards"),
+        ("lr", "0.1", "--lr"),
+        ("max_seconds", None, "--max-seconds"),
+        ("chunk_bytes", 65536.5, "--chunk-bytes"),
+        ("model", 5, "--model"),
         ("optimizer", ["sgd"], "--optimizer"),
-        pytest.param("staleness", 3, "--staleness", marks=TYPE_BUG),
+        ("staleness", 3, "--staleness"),
     ],
 )
 def test_values_of_the_wrong_type_raise_config_error_naming_the_flag(
@@ -229,7 +222,6 @@ def test_from_json_rejects_invalid_json(text: str) -> None:
         TrainConfig.from_json(text)
 
 
-@pytest.mark.xfail(strict=True, reason="from_json does not check for a JSON object")
 @pytest.mark.parametrize("text", ["[]", '["lr"]', "5", "null", '"config"', "true"])
 def test_from_json_rejects_documents_that_are_not_objects(text: str) -> None:
     with pytest.raises(ConfigError, match="JSON object"):
@@ -255,11 +247,6 @@ def test_parse_staleness(policy: str, parsed: tuple[str, int]) -> None:
     assert TrainConfig(staleness=policy).staleness == policy
 
 
-STALENESS_BUG = pytest.mark.xfail(
-    strict=True, reason="parse_staleness accepts non-ASCII digits (use bound.isascii())"
-)
-
-
 @pytest.mark.parametrize(
     "policy",
     [
@@ -276,8 +263,8 @@ STALENESS_BUG = pytest.mark.xfail(
         "scale:2",
         "none:0",
         ":3",
-        pytest.param("drop:²", marks=STALENESS_BUG),  # a digit to isdigit, not to int()
-        pytest.param("drop:٣", marks=STALENESS_BUG),  # Arabic-Indic 3: int() reads it
+        "drop:²",  # a digit to isdigit, not to int()
+        "drop:٣",  # Arabic-Indic 3: int() reads it
     ],
 )
 def test_parse_staleness_rejects_other_policies(policy: str) -> None:
@@ -285,7 +272,6 @@ def test_parse_staleness_rejects_other_policies(policy: str) -> None:
         parse_staleness(policy)
 
 
-@STALENESS_BUG
 @settings(deadline=None)
 @given(policy=st.text(max_size=12) | st.from_regex(r"drop:.{0,4}", fullmatch=True))
 @example(policy="drop:\u00b9")  # found by this test: str.isdigit() is not int()'s idea of a digit

@@ -180,12 +180,6 @@ def test_flatten_rejects_a_different_number_of_leaves() -> None:
         layout.flatten({"a": np.zeros(2), "b": np.zeros(3), "c": np.zeros(1)})
 
 
-# Known bug (strict xfail: remove the marker once fixed). Layout.flatten in
-# dsgd/layout.py checks only the number of leaves, so a size-1 leaf is broadcast over
-# the whole slot, a same-size leaf of another shape is silently reinterpreted, and any
-# other size escapes as a numpy ValueError. Fix: compare np.asarray(leaf).shape with
-# self.shapes[i] and raise ModelError naming self.paths[i].
-@pytest.mark.xfail(strict=True, reason="Layout.flatten does not check leaf shapes")
 @pytest.mark.parametrize(
     "leaf",
     [np.float32(5.0), np.ones(1), np.ones((1, 3)), np.ones(4), np.ones((3, 2))],
@@ -219,15 +213,9 @@ def test_non_float_leaves_are_rejected(leaf: Any) -> None:
         Layout.from_pytree({"layer": [np.zeros(2, np.float32), leaf]}, 1)
 
 
-# Known bug (strict xfail: remove the marker once fixed). np.issubdtype(bfloat16,
-# np.floating) is False, so Layout.from_pytree calls a bfloat16 parameter "not
-# floating-point". Fix: test with jax.numpy.issubdtype(arr.dtype, jax.numpy.floating).
-BFLOAT16_BUG = pytest.mark.xfail(strict=True, reason="bfloat16 leaves are rejected")
-
-
 @pytest.mark.parametrize(
     "dtype",
-    [np.float16, np.float32, np.float64, pytest.param(ml_dtypes.bfloat16, marks=BFLOAT16_BUG)],
+    [np.float16, np.float32, np.float64, ml_dtypes.bfloat16],
 )
 def test_every_float_dtype_is_accepted(dtype: Any) -> None:
     """bfloat16 is a float: JAX models commonly keep parameters in it."""

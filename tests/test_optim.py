@@ -293,18 +293,8 @@ def test_make_optimizer_rejects_bad_learning_rates(name: str, lr: float) -> None
 # gradients as the wire delivers them
 
 
-# Known bug, kept visible: when it is fixed these cases XPASS and fail (strict), so
-# delete the marker then. Fix: in each Adagrad.apply_* of dsgd/optim.py, start with
-# ``grad = np.asarray(grad, np.float32)`` (SGD already promotes through np.float32(lr)).
-HALF_PRECISION_BUG = pytest.mark.xfail(
-    strict=True, reason="Adagrad squares float16/bfloat16 gradients in their own dtype"
-)
-
-
 @pytest.mark.parametrize("value_dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=HALF_PRECISION_BUG) if n == "adagrad" else n for n in OPTIMIZERS]
-)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("apply", ["dense", "sparse"])
 def test_half_precision_gradients_apply_like_their_float32_values(
     name: str, value_dtype: str, apply: str
