@@ -4,6 +4,8 @@ The public API: :func:`train` runs a local cluster from Python; :class:`ModelSpe
 describes a model; :class:`TrainConfig` holds the knobs.
 """
 
+from typing import TYPE_CHECKING
+
 from dsgd.config import TrainConfig
 from dsgd.errors import (
     CheckpointError,
@@ -17,7 +19,6 @@ from dsgd.errors import (
     Stale,
 )
 from dsgd.layout import Layout
-from dsgd.local import TrainResult, train
 from dsgd.model import Dataset, ModelSpec, load_model, softmax_cross_entropy
 
 __all__ = [
@@ -39,3 +40,16 @@ __all__ = [
     "softmax_cross_entropy",
     "train",
 ]
+
+if TYPE_CHECKING:
+    from dsgd.local import TrainResult, train
+
+
+def __getattr__(name: str) -> object:
+    # dsgd.train pulls in every role; importing it lazily keeps ``python -m dsgd.worker``
+    # (and the JAX-free shard) from importing modules they are about to run as __main__
+    if name in ("train", "TrainResult"):
+        from dsgd import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module 'dsgd' has no attribute {name!r}")

@@ -2,20 +2,23 @@
 
 dsgd start [--workers N] [--shards S] [--model MOD:ATTR] ...   (scripts/start_cluster.sh)
 dsgd status --coordinator HOST:PORT [--json]
+dsgd checkpoint save DIR --coordinator HOST:PORT
 dsgd coordinator|server|worker ...                              (same as python -m dsgd.ROLE)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from dsgd.config import add_config_arguments, config_from_arguments
-from dsgd.control import check_address
+from dsgd.control import CHANNEL_OPTIONS, check_address
 from dsgd.errors import DsgdError
 from dsgd.process import EXIT_USER_ERROR
 from dsgd.proto import control_pb2 as pb
@@ -26,7 +29,13 @@ from dsgd.report import status_table
 def _start(args: argparse.Namespace) -> int:
     from dsgd.supervisor import start
 
-    return start(config_from_arguments(args), run_dir=args.run_dir, out=args.out)
+    return start(
+        config_from_arguments(args),
+        run_dir=args.run_dir,
+        out=args.out,
+        checkpoint_dir=args.checkpoint_dir,
+        restore=args.restore,
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -46,6 +55,46 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_save(args: argparse.Namespace) -> int:
+    from dsgd.checkpoint import reassemble, write_manifest
+
+    address = check_address(args.coordinator)
+    directory: Path = args.dir
+    if directory.exists() and any(directory.iterdir()):
+        raise DsgdError(f"{directory} is not empty; save each checkpoint into a new directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    versions: list[int] = []
+    pieces: list[bytes] = []
+    manifest: dict[str, Any] = {}
+    request = pb.CheckpointRequest(reason="dsgd checkpoint save")
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        try:
+            for piece in stub.SaveCheckpoint(request, timeout=args.timeout):
+                if piece.manifest_json:
+                    manifest = json.loads(piece.manifest_json)
+                    continue
+                pieces.append(piece.data)
+                if piece.last:
+                    saved = reassemble(pieces, directory, expected_sha256=piece.sha256)
+                    versions.append(saved.version)
+                    pieces = []
+        except grpc.RpcError as exc:
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise DsgdError(f"checkpoint failed: {details}") from None
+    if not manifest or pieces:
+        raise DsgdError("the coordinator's checkpoint stream ended early; nothing was saved")
+    write_manifest(
+        directory,
+        model=str(manifest["model"]),
+        fingerprint=int(manifest["fingerprint"]),
+        versions=versions,
+        config=str(manifest["config"]),
+    )
+    print(f"saved {len(versions)} shard(s) at versions {versions} to {directory}")  # noqa: T201
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     roles = {"coordinator": "dsgd.coordinator", "server": "dsgd.server", "worker": "dsgd.worker"}
@@ -61,11 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(start)
     start.add_argument("--run-dir", type=Path, help="logs and results (default runs/<time>/)")
     start.add_argument("--out", type=Path, help="also write the JSON summary to this file")
+    start.add_argument(
+        "--checkpoint-dir", type=Path, help="shard checkpoints (default RUN_DIR/checkpoints)"
+    )
+    start.add_argument("--restore", type=Path, help="resume from a `dsgd checkpoint save` DIR")
     start.set_defaults(func=_start)
     status = commands.add_parser("status", help="print a running cluster's members and progress")
     status.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.set_defaults(func=_status)
+    ckpt = commands.add_parser("checkpoint", help="save a running cluster's checkpoint")
+    ckpt_commands = ckpt.add_subparsers(dest="action", required=True)
+    save = ckpt_commands.add_parser("save", help="stream a cluster checkpoint into DIR")
+    save.add_argument("dir", type=Path, help="a new (or empty) directory")
+    save.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    save.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    save.set_defaults(func=_checkpoint_save)
     for role in roles:
         commands.add_parser(role, help=f"run one {role} (see python -m {roles[role]} --help)")
     args = parser.parse_args(argv)

@@ -28,7 +28,8 @@ from dsgd.types import FlatParams
 
 log = logging.getLogger("dsgd.client")
 
-PushDone = Callable[[int, "list[str] | BaseException"], None]
+PushDone = Callable[[int, list[str]], None]
+LOST = "lost"  # the status of a chunk never acknowledged (timeout, or the client closed)
 
 
 @dataclass
@@ -59,14 +60,16 @@ class ShardClient:
         context: zmq.asyncio.Context,
         *,
         max_inflight: int = 4,
-        ack_timeout: float = 30.0,
-        fetch_timeout: float = 30.0,
+        ack_timeout: float = 10.0,
+        fetch_timeout: float = 10.0,
+        incarnation: int = 0,
     ) -> None:
         self.shard_id = shard_id
         self.data_address = data_address
         self.pub_address = pub_address
         self.fingerprint = fingerprint
         self.worker_id = worker_id
+        self.worker_incarnation = incarnation
         self.ack_timeout = ack_timeout
         self.fetch_timeout = fetch_timeout
         self._ctx = context
@@ -130,21 +133,25 @@ class ShardClient:
     def inflight(self) -> int:
         return len(self._pushes)
 
-    async def push(self, seq: int, messages: list[list[Any]], on_done: PushDone) -> None:
-        """Send one push (its chunk messages) once a permit is free.
+    def silent_for(self) -> float:
+        """Seconds since the shard was last heard from (reply or version broadcast)."""
+        return time.monotonic() - self.last_heard
 
-        Returns when the chunks are queued; ``on_done(seq, statuses_or_error)`` is called
-        when every chunk is acknowledged, or with :class:`PeerLost` after ``ack_timeout``.
+    async def push(
+        self, seq: int, messages: list[list[Any]], on_done: PushDone, permit_timeout: float
+    ) -> bool:
+        """Send one push (its chunk messages) once a permit is free; False if none freed.
+
+        Returns when the chunks are queued. ``on_done(seq, statuses)`` is called once,
+        when every chunk is acknowledged or after ``ack_timeout``, with one status per
+        chunk (``LOST`` for the unacknowledged), so the caller can resend what was lost.
         """
         if self._closed or self._dealer is None:
             raise Closed("push on a closed ShardClient")
         try:
-            await asyncio.wait_for(self._permits.acquire(), self.ack_timeout)
+            await asyncio.wait_for(self._permits.acquire(), permit_timeout)
         except TimeoutError:
-            raise PeerLost(
-                f"shard {self.shard_id} has not acknowledged {self.inflight} pushes "
-                f"for {self.ack_timeout:.0f} s"
-            ) from None
+            return False
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._pushes[seq] = _PendingPush(len(messages), future)
         try:
@@ -156,23 +163,27 @@ class ShardClient:
             self._permits.release()
             raise
         self._spawn(self._await_acks(seq, future, on_done), f"acks-{seq}")
+        return True
 
     async def _await_acks(
         self, seq: int, future: asyncio.Future[list[str]], on_done: PushDone
     ) -> None:
+        pending = self._pushes[seq]
         try:
-            statuses = await asyncio.wait_for(asyncio.shield(future), self.ack_timeout)
+            await asyncio.wait_for(asyncio.shield(future), self.ack_timeout)
         except TimeoutError:
-            on_done(seq, PeerLost(f"shard {self.shard_id} did not acknowledge push {seq}"))
-        except BaseException as exc:  # Closed, or cancelled at shutdown
-            on_done(seq, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        else:
-            on_done(seq, statuses)
+            log.warning(
+                "shard %d did not acknowledge push %d within %.0f s",
+                self.shard_id,
+                seq,
+                self.ack_timeout,
+            )
+        except Closed:
+            pass
         finally:
             self._pushes.pop(seq, None)
             self._permits.release()
+            on_done(seq, [pending.statuses.get(i, LOST) for i in range(pending.nchunks)])
 
     async def drain(self) -> None:
         """Wait until every push in flight is acknowledged or failed (bound it with a timeout)."""

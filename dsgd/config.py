@@ -44,7 +44,10 @@ class TrainConfig:
     max_inflight: int = 4  # un-acknowledged pushes per shard before a worker waits
     density: float = 1.0  # fraction of an update's entries a push sends (1.0: dense)
     value_dtype: str = "float32"
+    density_warmup: int = 0  # pushes over which density decays from 1 to --density
     staleness: str = "none"  # none | drop:K | scale
+    checkpoint_every: float = 5.0  # seconds between shard checkpoints (with a checkpoint dir)
+    checkpoint_keep: int = 3  # checkpoints kept per shard
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -103,6 +106,15 @@ class TrainConfig:
             f"--value-dtype must be one of {', '.join(VALUE_DTYPES)}, got {self.value_dtype!r}",
         )
         parse_staleness(self.staleness)
+        need(self.density_warmup >= 0, f"--density-warmup must be >= 0, got {self.density_warmup}")
+        need(
+            _positive(self.checkpoint_every),
+            f"--checkpoint-every must be > 0, got {self.checkpoint_every}",
+        )
+        need(
+            self.checkpoint_keep >= 1,
+            f"--checkpoint-keep must be >= 1, got {self.checkpoint_keep}",
+        )
 
     @property
     def worker_lr(self) -> float:
@@ -181,7 +193,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-inflight", type=int, default=d.max_inflight, help="unacked pushes per shard")
     add("--density", type=float, default=d.density, help="fraction of an update pushed")
     add("--value-dtype", default=d.value_dtype, choices=list(VALUE_DTYPES))
+    add("--density-warmup", type=int, default=d.density_warmup, help="pushes to decay density")
     add("--staleness", default=d.staleness, help="none | drop:K | scale")
+    add("--checkpoint-every", type=float, default=d.checkpoint_every, help="seconds")
+    add("--checkpoint-keep", type=int, default=d.checkpoint_keep, help="checkpoints kept per shard")
 
 
 def config_from_arguments(args: argparse.Namespace) -> TrainConfig:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,13 @@ import numpy as np
 import zmq.asyncio
 from google.protobuf import json_format
 
+from dsgd.checkpoint import ClusterCheckpoint, read_cluster_checkpoint
 from dsgd.client import ShardClient
 from dsgd.config import TrainConfig, add_config_arguments, config_from_arguments
 from dsgd.control import start_grpc_server
-from dsgd.errors import DsgdError
+from dsgd.coordinator_service import CoordinatorService, Refused
+from dsgd.errors import DsgdError, PeerLost
+from dsgd.initial_state import InitialState
 from dsgd.model import CompiledModel, ModelSpec, load_model
 from dsgd.process import run_process, setup_logging, write_ready_file
 from dsgd.proto import control_pb2 as pb
@@ -41,8 +44,9 @@ from dsgd.types import FlatParams
 
 log = logging.getLogger("dsgd.coordinator")
 
-TENSOR_CHUNK_ELEMENTS = (1 << 20) // 4  # 1 MiB of float32 per streamed message
+SHARD_SILENT = 2.0  # seconds without a word from a shard before evaluation skips it
 SHARD_GRACE = 15.0  # seconds shards keep serving after the run ends, for workers to drain
+MAX_WORKERS = 4096
 
 
 @dataclass
@@ -70,11 +74,14 @@ class Coordinator:
         host: str = "127.0.0.1",
         port: int = 0,
         final_params_path: Path | None = None,
+        restore: ClusterCheckpoint | None = None,
     ) -> None:
         self.config = config
         self.compiled = compiled
         self.layout = compiled.layout
-        self.initial = compiled.initial_flat()
+        self.initial = InitialState.fresh(compiled, config.num_shards)
+        if restore is not None:
+            self.initial = InitialState.from_checkpoint(restore, config)
         self.host = host
         self.port = port
         self.final_params_path = final_params_path
@@ -87,6 +94,7 @@ class Coordinator:
         self.done_at = 0.0
         self.reached_target = False
         self.final_params: FlatParams | None = None
+        self.refused: dict[str, int] = {}
         self.shutdown_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._ctx = zmq.asyncio.Context()
@@ -187,7 +195,7 @@ class Coordinator:
     def register_shard(self, request: pb.RegisterShardRequest) -> pb.RegisterShardReply:
         shard_id = request.shard_id
         if not 0 <= shard_id < self.config.num_shards:
-            raise _Refused(
+            raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"shard id {shard_id} is outside this cluster's 0..{self.config.num_shards - 1}",
             )
@@ -195,7 +203,12 @@ class Coordinator:
         endpoint = pb.ShardEndpoint()
         endpoint.CopyFrom(request.endpoint)
         endpoint.shard_id, endpoint.start, endpoint.stop = shard_id, rng.start, rng.stop
-        has_state = request.layout_fingerprint == self.layout.fingerprint and request.version > 0
+        # a shard that kept (or restored) state at least as new as ours keeps it
+        has_state = (
+            request.layout_fingerprint == self.layout.fingerprint
+            and request.version > 0
+            and request.version >= self.initial.versions[shard_id]
+        )
         member = Member(
             pb.ROLE_SHARD,
             shard_id,
@@ -217,15 +230,12 @@ class Coordinator:
             layout_fingerprint=self.layout.fingerprint,
             config_json=self.config.to_json(),
             send_initial=not has_state,
+            version=self.initial.versions[shard_id],
         )
-
-    def initial_values(self, shard_id: int) -> FlatParams:
-        rng = self.layout.ranges[shard_id]
-        return self.initial[rng.start : rng.stop]
 
     def register_worker(self, request: pb.RegisterWorkerRequest) -> pb.RegisterWorkerReply:
         if request.layout_fingerprint != self.layout.fingerprint:
-            raise _Refused(
+            raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"worker's model layout {request.layout_fingerprint:016x} differs from the "
                 f"cluster's {self.layout.fingerprint:016x} ({self.config.model}); start the "
@@ -233,9 +243,22 @@ class Coordinator:
             )
         if not self.shards_ready():
             return pb.RegisterWorkerReply(ready=False, waiting_for=self.waiting_for())
-        worker_id = self._choose_worker_slot(request.worker_id)
-        self.workers[worker_id] = Member(pb.ROLE_WORKER, worker_id, address=request.host)
-        log.info("worker %d registered from %s", worker_id, request.host or "?")
+        if not self.history:  # the first evaluation sees the parameters before any push
+            return pb.RegisterWorkerReply(ready=False, waiting_for="the first evaluation")
+        worker_id = self._choose_worker_slot(request.worker_id, request.incarnation)
+        previous = self.workers.get(worker_id)
+        self.workers[worker_id] = Member(
+            pb.ROLE_WORKER, worker_id, incarnation=request.incarnation, address=request.host
+        )
+        if previous is not None and previous.incarnation != request.incarnation:
+            log.info(
+                "worker %d (was %s) replaced by a new process from %s",
+                worker_id,
+                self.member_state(previous),
+                request.host or "?",
+            )
+        else:
+            log.info("worker %d registered from %s", worker_id, request.host or "?")
         return pb.RegisterWorkerReply(
             ready=True,
             worker_id=worker_id,
@@ -245,29 +268,24 @@ class Coordinator:
             config_json=self.config.to_json(),
         )
 
-    def _choose_worker_slot(self, wanted: int) -> int:
-        def free(slot: int) -> bool:
-            member = self.workers.get(slot)
-            return member is None or self.member_state(member) in ("dead", "left")
-
+    def _choose_worker_slot(self, wanted: int, incarnation: int) -> int:
+        """Slot ``wanted`` (claimed, replacing its holder), else the first free or dead slot,
+        else a new slot beyond them (elastic join: it shares a data partition)."""
         if wanted >= 0:
-            if wanted >= self.config.num_workers:
-                raise _Refused(
+            if wanted >= MAX_WORKERS:
+                raise Refused(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"worker id {wanted} is outside 0..{self.config.num_workers - 1}",
-                )
-            if not free(wanted):
-                raise _Refused(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"worker {wanted} is alive; omit --worker-id to take a free slot",
+                    f"worker id {wanted} is outside 0..{MAX_WORKERS - 1}",
                 )
             return wanted
-        for slot in range(self.config.num_workers):
-            if free(slot):
+        for slot in range(max(self.workers, default=-1) + 2):
+            member = self.workers.get(slot)
+            if member is None or self.member_state(member) in ("dead", "left"):
+                if slot >= MAX_WORKERS:
+                    break
                 return slot
-        raise _Refused(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"all {self.config.num_workers} worker slots are taken by live workers",
+        raise Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cluster has {MAX_WORKERS} live workers"
         )
 
     def shard_endpoints(self) -> list[pb.ShardEndpoint]:
@@ -280,9 +298,13 @@ class Coordinator:
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         members = self.shards if request.role == pb.ROLE_SHARD else self.workers
         member = members.get(request.id)
-        if member is None or (
-            request.role == pb.ROLE_SHARD and member.incarnation != request.incarnation
-        ):
+        if member is None:
+            return pb.HeartbeatReply(reregister=True)
+        if member.incarnation != request.incarnation:
+            if request.role == pb.ROLE_WORKER:  # its slot went to a newer process
+                return pb.HeartbeatReply(
+                    shutdown=True, reason=f"worker {request.id} was replaced by a newer process"
+                )
             return pb.HeartbeatReply(reregister=True)
         member.last_seen = time.monotonic()
         member.stats.CopyFrom(request.stats)
@@ -353,6 +375,8 @@ class Coordinator:
         total = 0
         for shard_id, member in sorted(self.shards.items()):
             client = await self._eval_client(shard_id, member)
+            if client.silent_for() > SHARD_SILENT:
+                raise PeerLost(f"shard {shard_id} silent for {client.silent_for():.0f} s")
             endpoint = member.endpoint
             assert endpoint is not None
             version, _ = await client.fetch(flat[endpoint.start : endpoint.stop])
@@ -374,17 +398,19 @@ class Coordinator:
             self.layout.fingerprint,
             -1,
             self._ctx,
-            fetch_timeout=10.0,
+            fetch_timeout=5.0,
         )
         await client.start()
         self._eval_clients[shard_id] = (member.incarnation, client)
         return client
 
-    async def finish(self, reason: str, flat: FlatParams | None = None) -> None:
+    async def finish(
+        self, reason: str, flat: FlatParams | None = None, *, fetch: bool = True
+    ) -> None:
         """End the run: remember why, keep the final parameters, tell members to stop."""
         if self.done:
             return
-        if flat is None and self.shards_ready():
+        if flat is None and fetch and self.shards_ready():
             with contextlib.suppress(DsgdError, OSError):
                 flat, _ = await self.fetch_parameters()
         self.final_params = flat
@@ -435,61 +461,6 @@ def _save_npy(path: Path, flat: FlatParams) -> None:
     tmp.replace(path)
 
 
-class _Refused(Exception):
-    """A request refused with a gRPC status and a one-line reason."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """gRPC adaptor: translates calls to :class:`Coordinator` methods and refusals to statuses."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.c = coordinator
-
-    async def RegisterShard(self, request: Any, context: Any) -> pb.RegisterShardReply:
-        try:
-            return self.c.register_shard(request)
-        except _Refused as exc:
-            await context.abort(exc.code, str(exc))
-            raise
-
-    async def FetchInitialShard(self, request: Any, context: Any) -> AsyncIterator[pb.TensorChunk]:
-        if request.layout_fingerprint != self.c.layout.fingerprint or not (
-            0 <= request.shard_id < self.c.config.num_shards
-        ):
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "unknown shard or another model's layout"
-            )
-        values = self.c.initial_values(request.shard_id)
-        for start in range(0, max(values.size, 1), TENSOR_CHUNK_ELEMENTS):
-            piece = values[start : start + TENSOR_CHUNK_ELEMENTS]
-            yield pb.TensorChunk(
-                name="params", offset=start, total=values.size, data=piece.tobytes()
-            )
-
-    async def RegisterWorker(self, request: Any, context: Any) -> pb.RegisterWorkerReply:
-        try:
-            return self.c.register_worker(request)
-        except _Refused as exc:
-            await context.abort(exc.code, str(exc))
-            raise
-
-    async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
-        return self.c.heartbeat(request)
-
-    async def Status(self, request: Any, context: Any) -> pb.ClusterStatus:
-        return self.c.status()
-
-    async def Shutdown(self, request: Any, context: Any) -> pb.ShutdownReply:
-        if not self.c.done:
-            await self.c.finish(request.reason or "shutdown requested")
-        self.c.shutdown_requested.set()
-        return pb.ShutdownReply()
-
-
 async def run_coordinator(
     config: TrainConfig,
     stop: asyncio.Event,
@@ -501,6 +472,7 @@ async def run_coordinator(
     final_params_path: Path | None = None,
     linger: float = 30.0,
     on_ready: Callable[[str], None] | None = None,
+    restore: Path | None = None,
 ) -> Coordinator:
     """Coordinate one run until it is over (or ``stop``); return the closed coordinator.
 
@@ -509,8 +481,19 @@ async def run_coordinator(
     if spec is None:
         spec = load_model(config.model, seed=config.seed)
     compiled = await asyncio.to_thread(CompiledModel, spec, config.num_shards)
+    saved = None
+    if restore is not None:
+        saved = await asyncio.to_thread(
+            read_cluster_checkpoint, restore, compiled.layout.fingerprint
+        )
+        log.info("restoring %s at shard versions %s", restore, saved.manifest.versions)
     coordinator = Coordinator(
-        config, compiled, host=host, port=port, final_params_path=final_params_path
+        config,
+        compiled,
+        host=host,
+        port=port,
+        final_params_path=final_params_path,
+        restore=saved,
     )
     try:
         bound = await coordinator.start()
@@ -525,7 +508,7 @@ async def run_coordinator(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if not coordinator.done:
-            await coordinator.finish("stopped by signal")
+            await coordinator.finish("stopped by signal", fetch=False)
     finally:
         await coordinator.aclose()
     return coordinator
@@ -542,6 +525,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--status-file", type=Path, help="write the final status (JSON) here")
     parser.add_argument("--linger", type=float, default=30.0, help="seconds to wait for members")
     parser.add_argument("--config-file", type=Path, help="TrainConfig JSON (overrides the flags)")
+    parser.add_argument("--restore", type=Path, help="start from this cluster checkpoint")
     parser.add_argument("--log-level", default="INFO")
     add_config_arguments(parser)
     return parser.parse_args(argv)
@@ -564,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             ready_file=args.ready_file,
             final_params_path=args.final_params,
             linger=args.linger,
+            restore=args.restore,
         )
         if args.status_file:
             text = json_format.MessageToJson(coordinator.status(), preserving_proto_field_name=True)

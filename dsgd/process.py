@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from dsgd.errors import DsgdError
+from dsgd.errors import CheckpointError, ConfigError, DsgdError, LayoutMismatch
 
+EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 
 
@@ -42,9 +43,9 @@ def write_ready_file(path: str | None, info: dict[str, Any]) -> None:
 def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run ``main(stop)`` on a fresh event loop; SIGINT/SIGTERM set ``stop``.
 
-    A :class:`~dsgd.errors.DsgdError` (a user or configuration mistake, or a peer that
-    cannot be reached) ends the process with one line on stderr and exit code 2,
-    never a traceback.
+    A user or configuration mistake ends the process with one line on stderr and exit
+    code 2; a peer that cannot be reached, with one line and exit code 1 (a supervisor
+    restarts it); never a traceback.
     """
 
     async def runner() -> int:
@@ -56,8 +57,11 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
 
     try:
         return asyncio.run(runner())
-    except DsgdError as exc:
+    except (ConfigError, LayoutMismatch, CheckpointError) as exc:
         print(f"dsgd {role}: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USER_ERROR
+    except DsgdError as exc:  # a peer lost or misbehaving: worth a restart, not a traceback
+        print(f"dsgd {role}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -63,7 +63,7 @@ def progress_line(status: pb.ClusterStatus) -> str:
     updates = sum(s.stats.rate for s in shards)
     versions = " ".join(str(s.stats.version) for s in shards) or "-"
     line = (
-        f"[{status.elapsed_seconds:6.1f}s] test acc {acc} (target {status.target_accuracy:.2f}) | "
+        f"[{status.elapsed_seconds:6.1f}s] test acc {acc} (target {status.target_accuracy:g}) | "
         f"{steps:6.0f} steps/s | {updates:6.0f} updates/s | shard versions {versions} | "
         f"workers {alive}/{status.num_workers}"
     )

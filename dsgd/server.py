@@ -1,10 +1,13 @@
 """One parameter shard as a process: ``python -m dsgd.server --coordinator HOST:PORT --shard-id K``.
 
-The shard binds its data and broadcast sockets, registers with the coordinator
+The shard binds its data and broadcast sockets, restores its latest valid
+checkpoint when ``--checkpoint-dir`` holds one, and registers with the coordinator
 (which answers with its range, the layout fingerprint and the cluster's
-configuration), streams in its initial values over gRPC, then serves until the
-coordinator says the run is over or it receives SIGINT/SIGTERM. The shard never
-imports JAX.
+configuration, and, for a shard without state, streams its initial values). It
+then serves until the coordinator says the run is over or it receives SIGINT or
+SIGTERM, checkpointing every ``checkpoint_every`` seconds and once more on the way
+out. Each restart is a new *incarnation*: workers notice it and fetch again.
+The shard never imports JAX.
 """
 
 from __future__ import annotations
@@ -14,153 +17,305 @@ import asyncio
 import contextlib
 import logging
 import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import zmq.asyncio
 
+from dsgd import checkpoint
 from dsgd.config import TrainConfig
-from dsgd.control import CoordinatorLink, stats_message
-from dsgd.errors import ProtocolError
+from dsgd.control import CoordinatorLink, start_grpc_server, stats_message
+from dsgd.errors import CheckpointError, ConfigError, ProtocolError
 from dsgd.optim import make_optimizer
 from dsgd.process import run_process, setup_logging, write_ready_file
 from dsgd.proto import control_pb2 as pb
+from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.shard import ShardServer, ShardState
+from dsgd.types import ShardRange
 from dsgd.wire import PROTOCOL_VERSION
 
 log = logging.getLogger("dsgd.server")
 
 
-async def run_shard(
-    coordinator: str,
-    shard_id: int,
-    stop: asyncio.Event,
-    *,
-    host: str = "127.0.0.1",
-    advertise_host: str | None = None,
-    data_port: int = 0,
-    pub_port: int = 0,
-    ready_file: str | None = None,
-) -> None:
-    """Serve shard ``shard_id`` of the cluster whose coordinator is at ``coordinator``."""
-    ctx = zmq.asyncio.Context()
-    link = CoordinatorLink(coordinator)
-    server = ShardServer(
-        shard_id,
-        host=host,
-        data_port=data_port,
-        pub_port=pub_port,
-        advertise_host=advertise_host,
-        context=ctx,
-    )
-    serve_task: asyncio.Task[None] | None = None
-    try:
-        await server.start()
-        config = await _register(link, server, stop)
-        if config is None:
-            return
-        serve_task = asyncio.create_task(server.serve(), name="shard-serve")
-        write_ready_file(
-            ready_file, {"data_address": server.data_address, "pub_address": server.pub_address}
+class ShardProcess:
+    """A shard's life: restore, register, serve, checkpoint, leave."""
+
+    def __init__(
+        self,
+        coordinator: str,
+        shard_id: int,
+        *,
+        host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+        data_port: int = 0,
+        pub_port: int = 0,
+        control_port: int = 0,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.link = CoordinatorLink(coordinator)
+        self.server = ShardServer(
+            shard_id,
+            host=host,
+            data_port=data_port,
+            pub_port=pub_port,
+            advertise_host=advertise_host,
+            context=self.ctx,
         )
-        await _heartbeat_until_done(link, server, config, stop)
-    finally:
-        if serve_task is not None:
-            serve_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serve_task
-        with contextlib.suppress(Exception):
-            await link.heartbeat_once(_heartbeat(server, leaving=True))
-        await server.aclose()
-        await link.aclose()
-        ctx.term()
+        self.host = host
+        self.advertise_host = advertise_host or host
+        self.control_port = control_port
+        self.control_address = ""
+        self.checkpoint_dir = checkpoint_dir
+        self.config = TrainConfig()
+        self.restored: checkpoint.Checkpoint | None = None
+        self.saved_version = -1
+        self._grpc: grpc.aio.Server | None = None
+        self._save_lock = asyncio.Lock()
 
+    @property
+    def shard_id(self) -> int:
+        return self.server.shard_id
 
-async def _register(
-    link: CoordinatorLink, server: ShardServer, stop: asyncio.Event
-) -> TrainConfig | None:
-    """Register (again) and, when the coordinator asks, load the initial values."""
-    endpoint = pb.ShardEndpoint(
-        shard_id=server.shard_id,
-        data_address=server.data_address,
-        pub_address=server.pub_address,
-        incarnation=server.incarnation,
-    )
-    request = pb.RegisterShardRequest(
-        shard_id=server.shard_id,
-        endpoint=endpoint,
-        layout_fingerprint=server.fingerprint,
-        version=server.state.version,
-        protocol_version=PROTOCOL_VERSION,
-    )
-    what = f"registering shard {server.shard_id}"
-    reply = await link.call(link.stub.RegisterShard, request, what)
-    config = TrainConfig.from_json(reply.config_json)
-    if stop.is_set():
-        return None
-    if reply.send_initial or not server.installed:
-        size = reply.stop - reply.start
-        params = np.empty(size, np.float32)
-        filled = 0
-        stream = link.stub.FetchInitialShard(
-            pb.FetchInitialShardRequest(
-                shard_id=server.shard_id, layout_fingerprint=reply.layout_fingerprint
+    async def run(self, stop: asyncio.Event, ready_file: str | None = None) -> None:
+        serve_task: asyncio.Task[None] | None = None
+        saver: asyncio.Task[None] | None = None
+        try:
+            await self.server.start()
+            self._grpc, port = await start_grpc_server(
+                self.host,
+                self.control_port,
+                lambda s: pb_grpc.add_ShardServicer_to_server(ShardControl(self), s),
+                f"shard {self.shard_id} control service",
+            )
+            self.control_address = f"{self.advertise_host}:{port}"
+            self.restore_local()
+            if not await self.register(stop):
+                return
+            serve_task = asyncio.create_task(self.server.serve(), name="shard-serve")
+            if self.checkpoint_dir is not None:
+                saver = asyncio.create_task(self._checkpoint_loop(), name="shard-checkpoints")
+            write_ready_file(
+                ready_file,
+                {
+                    "data_address": self.server.data_address,
+                    "pub_address": self.server.pub_address,
+                    "control_address": self.control_address,
+                },
+            )
+            await self._heartbeat_until_done(stop)
+        finally:
+            for task in (saver, serve_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if self.server.installed and self.checkpoint_dir is not None:
+                with contextlib.suppress(CheckpointError):
+                    await self.save("final")
+            with contextlib.suppress(Exception):
+                await self.link.heartbeat_once(self._heartbeat(leaving=True))
+            if self._grpc is not None:
+                await self._grpc.stop(grace=0.2)
+            await self.server.aclose()
+            await self.link.aclose()
+            self.ctx.term()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def restore_local(self) -> None:
+        """Load the newest valid checkpoint of this shard, if the directory has one."""
+        if self.checkpoint_dir is None:
+            return
+        scan = checkpoint.scan_latest(self.checkpoint_dir, self.shard_id)
+        for path, reason in scan.rejected:
+            log.warning("shard %d: skipping checkpoint %s: %s", self.shard_id, path, reason)
+        self.restored = scan.checkpoint
+        if self.restored is not None:
+            log.info(
+                "shard %d: restored version %d from %s",
+                self.shard_id,
+                self.restored.version,
+                self.restored.path,
+            )
+            self.saved_version = self.restored.version
+
+    async def register(self, stop: asyncio.Event) -> bool:
+        """Register (again); install restored, streamed or kept state. False if stopped."""
+        server = self.server
+        held = self.restored if not server.installed else None
+        request = pb.RegisterShardRequest(
+            shard_id=self.shard_id,
+            endpoint=pb.ShardEndpoint(
+                shard_id=self.shard_id,
+                data_address=server.data_address,
+                pub_address=server.pub_address,
+                incarnation=server.incarnation,
+                control_address=self.control_address,
             ),
-            timeout=60.0,
+            layout_fingerprint=held.fingerprint if held else server.fingerprint,
+            version=held.version if held else server.state.version,
+            protocol_version=PROTOCOL_VERSION,
+        )
+        try:
+            reply = await self.link.call(
+                self.link.stub.RegisterShard, request, f"registering shard {self.shard_id}"
+            )
+        except grpc.aio.AioRpcError as exc:
+            refusal = f"the coordinator refused shard {self.shard_id}: {exc.details()}"
+            raise ConfigError(refusal) from None
+        if stop.is_set():
+            return False
+        self.config = TrainConfig.from_json(reply.config_json)
+        if held is not None and held.fingerprint != reply.layout_fingerprint:
+            raise CheckpointError(
+                f"checkpoint {held.path} belongs to another model or shard count "
+                f"(fingerprint {held.fingerprint:016x}, the cluster's is "
+                f"{reply.layout_fingerprint:016x}); use another --checkpoint-dir"
+            )
+        shard_range = ShardRange(reply.start, reply.stop)
+        if reply.send_initial:
+            state = await self._fetch_initial(reply, shard_range.size)
+        elif held is not None:
+            state = ShardState(held.params, dict(held.opt_state), held.version)
+        else:
+            state = server.state  # a re-registration: keep serving what we have
+        if reply.send_initial or not server.installed:
+            optimizer = make_optimizer(self.config.optimizer, self.config.lr)
+            expected = optimizer.init(0).keys()
+            if set(state.opt_state) != set(expected):
+                if state.opt_state:
+                    log.warning(
+                        "shard %d: optimizer state %s does not fit %s; starting it afresh",
+                        self.shard_id,
+                        sorted(state.opt_state),
+                        optimizer.name,
+                    )
+                state.opt_state = optimizer.init(shard_range.size)
+            server.install(
+                reply.layout_fingerprint,
+                optimizer,
+                state,
+                staleness=self.config.staleness,
+                chunk_bytes=self.config.chunk_bytes,
+                shard_range=shard_range,
+                num_shards=reply.num_shards,
+            )
+            log.info(
+                "shard %d serving %d parameters at version %d",
+                self.shard_id,
+                shard_range.size,
+                state.version,
+            )
+        # report at once, so the coordinator marks this shard ready without waiting a period
+        await self.link.heartbeat_once(self._heartbeat())
+        return True
+
+    async def _fetch_initial(self, reply: Any, size: int) -> ShardState:
+        arrays: dict[str, np.ndarray] = {}
+        filled: dict[str, int] = {}
+        stream = self.link.stub.FetchInitialShard(
+            pb.FetchInitialShardRequest(
+                shard_id=self.shard_id, layout_fingerprint=reply.layout_fingerprint
+            ),
+            timeout=120.0,
         )
         async for chunk in stream:
             piece = np.frombuffer(chunk.data, np.float32)
             if chunk.total != size or chunk.offset + piece.size > size:
                 raise ProtocolError("the coordinator streamed initial values of the wrong size")
-            params[chunk.offset : chunk.offset + piece.size] = piece
-            filled += piece.size
-        if filled != size:
+            target = arrays.setdefault(chunk.name, np.empty(size, np.float32))
+            target[chunk.offset : chunk.offset + piece.size] = piece
+            filled[chunk.name] = filled.get(chunk.name, 0) + piece.size
+        if filled.get("params") != size or any(n != size for n in filled.values()):
             raise ProtocolError(f"received {filled} of {size} initial values")
-        optimizer = make_optimizer(config.optimizer, config.lr)
-        server.install(
-            reply.layout_fingerprint,
-            optimizer,
-            ShardState(params, optimizer.init(size)),
-            staleness=config.staleness,
-            chunk_bytes=config.chunk_bytes,
+        params = arrays.pop("params")
+        opt_state = {name.removeprefix("opt_state/"): a for name, a in arrays.items()}
+        return ShardState(params, opt_state, reply.version)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    async def save(self, reason: str, directory: Path | None = None) -> checkpoint.WriteResult:
+        """Snapshot on the loop, write in a thread; serialised so saves never interleave."""
+        target = directory or self.checkpoint_dir
+        assert target is not None
+        async with self._save_lock:
+            snap = self.server.snapshot({"reason": reason, "config": self.config.to_json()})
+            result = await checkpoint.save_async(snap, target, keep=self.config.checkpoint_keep)
+        if target == self.checkpoint_dir:
+            self.saved_version = snap.version
+        log.info("shard %d: checkpoint v%d (%s)", self.shard_id, snap.version, reason)
+        return result
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_every)
+            if self.server.state.version != self.saved_version:
+                try:
+                    await self.save("periodic")
+                except CheckpointError as exc:
+                    log.warning("shard %d: checkpoint failed: %s", self.shard_id, exc)
+
+    # -- heartbeats ----------------------------------------------------------------------------
+
+    def _heartbeat(self, leaving: bool = False) -> pb.HeartbeatRequest:
+        server = self.server
+        counters = server.stats()
+        counters["checkpoint_version"] = float(self.saved_version)
+        stats = {"version": server.state.version, "rate": server.apply_rate.rate()}
+        return pb.HeartbeatRequest(
+            role=pb.ROLE_SHARD,
+            id=self.shard_id,
+            incarnation=server.incarnation,
+            stats=stats_message({**stats, "counters": counters}),
+            leaving=leaving,
         )
-        log.info("shard %d loaded %d initial values", server.shard_id, size)
-    # report at once, so the coordinator marks this shard ready without waiting a period
-    await link.heartbeat_once(_heartbeat(server))
-    return config
+
+    async def _heartbeat_until_done(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.heartbeat_interval)
+            if stop.is_set():
+                return
+            reply = await self.link.heartbeat_once(self._heartbeat())
+            if reply is None:
+                continue
+            if reply.shutdown:
+                log.info("shard %d: coordinator ended the run (%s)", self.shard_id, reply.reason)
+                return
+            if reply.reregister:
+                log.info("shard %d: coordinator restarted; registering again", self.shard_id)
+                await self.register(stop)
 
 
-def _heartbeat(server: ShardServer, leaving: bool = False) -> pb.HeartbeatRequest:
-    stats = {
-        "version": server.state.version,
-        "rate": server.apply_rate.rate(),
-        "counters": server.stats(),
-    }
-    return pb.HeartbeatRequest(
-        role=pb.ROLE_SHARD,
-        id=server.shard_id,
-        incarnation=server.incarnation,
-        stats=stats_message(stats),
-        leaving=leaving,
-    )
+class ShardControl(pb_grpc.ShardServicer):
+    """The shard's gRPC control service: checkpoints on demand, streamed in pieces."""
 
+    def __init__(self, process: ShardProcess) -> None:
+        self.p = process
 
-async def _heartbeat_until_done(
-    link: CoordinatorLink, server: ShardServer, config: TrainConfig, stop: asyncio.Event
-) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), config.heartbeat_interval)
-        if stop.is_set():
-            return
-        reply = await link.heartbeat_once(_heartbeat(server))
-        if reply is None:
-            continue
-        if reply.shutdown:
-            log.info("shard %d: coordinator ended the run (%s)", server.shard_id, reply.reason)
-            return
-        if reply.reregister:
-            log.info("shard %d: coordinator restarted; registering again", server.shard_id)
-            await _register(link, server, stop)
+    async def Checkpoint(self, request: Any, context: Any) -> AsyncIterator[pb.CheckpointPiece]:
+        if not self.p.server.installed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "shard has no parameters yet")
+        with tempfile.TemporaryDirectory(prefix="dsgd-ckpt-") as tmp:
+            directory = self.p.checkpoint_dir or Path(tmp)
+            result = await self.p.save(request.reason or "on demand", directory)
+            offset = 0
+            pieces = await asyncio.to_thread(lambda: list(checkpoint.stream_file(result.path)))
+            for i, data in enumerate(pieces):
+                last = i == len(pieces) - 1
+                yield pb.CheckpointPiece(
+                    file=result.path.name,
+                    offset=offset,
+                    data=data,
+                    last=last,
+                    sha256=result.sha256 if last else "",
+                )
+                offset += len(data)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -173,6 +328,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--advertise-host", help="address peers use to reach this shard")
     parser.add_argument("--data-port", type=int, default=0, help="push/fetch port (0: any)")
     parser.add_argument("--pub-port", type=int, default=0, help="version broadcast port (0: any)")
+    parser.add_argument("--control-port", type=int, default=0, help="gRPC control port (0: any)")
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, help="restore from and checkpoint to this directory"
+    )
     parser.add_argument("--ready-file", help="write bound addresses here (JSON) once serving")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -183,19 +342,26 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"shard{args.shard_id}", args.log_level)
 
     async def shard_main(stop: asyncio.Event) -> int:
-        await run_shard(
+        process = ShardProcess(
             args.coordinator,
             args.shard_id,
-            stop,
             host=args.host,
             advertise_host=args.advertise_host,
             data_port=args.data_port,
             pub_port=args.pub_port,
-            ready_file=args.ready_file,
+            control_port=args.control_port,
+            checkpoint_dir=args.checkpoint_dir,
         )
+        await process.run(stop, args.ready_file)
         return 0
 
     return run_process(f"shard {args.shard_id}", shard_main)
+
+
+async def run_shard(coordinator: str, shard_id: int, stop: asyncio.Event, **options: Any) -> None:
+    """Serve shard ``shard_id`` until the run ends or ``stop`` (for in-process clusters)."""
+    ready_file = options.pop("ready_file", None)
+    await ShardProcess(coordinator, shard_id, **options).run(stop, ready_file)
 
 
 if __name__ == "__main__":

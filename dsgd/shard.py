@@ -30,17 +30,19 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from dsgd import wire
+from dsgd import checkpoint, wire
+from dsgd.checkpoint import Checkpoint
 from dsgd.config import parse_staleness
 from dsgd.errors import Closed, ProtocolError
 from dsgd.optim import SGD, ServerOptimizerT
 from dsgd.stats import RateLimitedLog, RateMeter, StalenessHistogram
-from dsgd.types import FlatParams
+from dsgd.types import FlatParams, ShardRange
 
 log = logging.getLogger("dsgd.shard")
 
 BLOCK = 256  # elements per version stamp used to answer "what changed since v"
 DEDUP_WINDOW = 4096  # push sequences per worker remembered for at-most-once apply
+MAX_WORKER_BOOKS = 4096  # (worker, incarnation) pairs remembered
 BROADCAST_INTERVAL = 0.005  # seconds between version broadcasts while versions change
 IDLE_BROADCAST_INTERVAL = 0.5  # ... and while they do not (late subscribers learn it)
 SPARSE_PULL_MAX_FRACTION = 0.5  # above this fraction of changed blocks, send the full range
@@ -107,7 +109,11 @@ class ShardServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._block_version = np.zeros(-(-self.state.params.size // BLOCK), np.int64)
-        self._workers: dict[int, _WorkerBook] = {}
+        # at-most-once books per (worker id, worker incarnation): a restarted worker
+        # starts its sequence numbers again without being mistaken for a replay
+        self._workers: OrderedDict[tuple[int, int], _WorkerBook] = OrderedDict()
+        self.shard_range = ShardRange(0, self.state.params.size)
+        self.num_shards = 1
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.apply_rate = RateMeter()
@@ -124,6 +130,8 @@ class ShardServer:
         *,
         staleness: str = "none",
         chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
+        shard_range: ShardRange | None = None,
+        num_shards: int = 1,
     ) -> None:
         """Take (new) parameters and settings; until the first call, requests are refused.
 
@@ -137,7 +145,24 @@ class ShardServer:
         self.chunk_bytes = chunk_bytes
         self._block_version = np.full(-(-state.params.size // BLOCK), state.version, np.int64)
         self._workers.clear()
+        self.shard_range = shard_range or ShardRange(0, state.params.size)
+        self.num_shards = num_shards
         self.installed = True
+
+    def snapshot(self, metadata: dict[str, Any] | None = None) -> Checkpoint:
+        """A copy of the state for a checkpoint (memcpy on the loop; writing happens elsewhere)."""
+        return checkpoint.snapshot(
+            shard_id=self.shard_id,
+            shard_range=self.shard_range,
+            num_shards=self.num_shards,
+            version=self.state.version,
+            fingerprint=self.fingerprint,
+            optimizer=self.optimizer.name,
+            incarnation=self.incarnation,
+            params=self.state.params,
+            opt_state=self.state.opt_state,
+            metadata=metadata,
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -283,7 +308,7 @@ class ShardServer:
         if not bool(np.isfinite(values32).all()):
             return self._reject("nonfinite", "update contains NaN or Inf")
 
-        book = self._workers.setdefault(header.worker, _WorkerBook())
+        book = self._book(header.worker, header.incarnation)
         push = book.pushes.get(header.seq)
         if push is None:
             if len(book.pushes) >= DEDUP_WINDOW and header.seq <= next(iter(book.pushes)):
@@ -324,6 +349,17 @@ class ShardServer:
         self.counters["values_applied"] += header.count
         self.apply_rate.add()
         return "applied"
+
+    def _book(self, worker: int, incarnation: int) -> _WorkerBook:
+        key = (worker, incarnation)
+        book = self._workers.get(key)
+        if book is None:
+            book = self._workers[key] = _WorkerBook()
+            if len(self._workers) > MAX_WORKER_BOOKS:
+                self._workers.popitem(last=False)
+        else:
+            self._workers.move_to_end(key)
+        return book
 
     async def _serve_fetch(self, identity: Any, request: wire.Header) -> None:
         """Answer a FETCH with the range (or, when cheaper, only blocks changed since v)."""
@@ -428,7 +464,11 @@ class ShardServer:
         return out
 
     def worker_staleness(self) -> dict[int, StalenessHistogram]:
-        return {worker: book.staleness for worker, book in self._workers.items()}
+        """Staleness histogram per worker id (all its incarnations together)."""
+        out: dict[int, StalenessHistogram] = {}
+        for (worker, _), book in self._workers.items():
+            out.setdefault(worker, StalenessHistogram()).merge(book.staleness)
+        return out
 
 
 def _block_elements(blocks: np.ndarray, size: int) -> np.ndarray:

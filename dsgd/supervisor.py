@@ -1,12 +1,14 @@
 """The launcher behind ``scripts/start_cluster.sh``: one process that runs a local cluster.
 
 It starts the coordinator, then the shards, then the workers, each as its own
-process on 127.0.0.1 with its own log file; prints live progress; and, when the
-run ends, prints a one-line JSON summary as the last line of stdout. Ctrl-C or
-SIGTERM stops every process cleanly; a process that fails stops the run with the
-reason and the tail of its log.
+process on 127.0.0.1 with its own log file; prints live progress; restarts any
+process that crashes (with backoff: a restarted shard resumes from its latest
+checkpoint, a restarted worker takes its old data partition, a restarted
+coordinator comes back on the same port and members re-register); and, when the run
+ends, prints a one-line JSON summary as the last line of stdout. Ctrl-C or SIGTERM
+stops every process cleanly.
 
-Exit codes: 0 target reached, 1 a process failed, 2 a usage error,
+Exit codes: 0 target reached, 1 a process failed for good, 2 a usage error,
 3 the budget was spent before the target, 130/143 interrupted.
 """
 
@@ -27,27 +29,38 @@ from google.protobuf import json_format
 
 from dsgd.config import TrainConfig
 from dsgd.errors import ConfigError, DsgdError
+from dsgd.process import EXIT_USER_ERROR
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.report import progress_line, summarize
 
-START_TIMEOUT = 120.0  # seconds for a process to report ready (JAX import + compile included)
+START_TIMEOUT = 120.0  # seconds for the coordinator to report ready (JAX import + compile)
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
-MEMBER_EXIT_TIMEOUT = 20.0  # seconds members get to leave once the run is over
-POLL_INTERVAL = 0.25
+MEMBER_EXIT_TIMEOUT = 30.0  # seconds members get to leave once the run is over
+POLL_INTERVAL = 0.1
 PROGRESS_INTERVAL = 2.0
+BACKOFF_FIRST = 0.2  # seconds before the first restart; doubles per quick crash
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 30.0  # a process up this long is healthy again: backoff starts over
 
 
 @dataclass
 class Child:
+    """One supervised process and its restart bookkeeping."""
+
     name: str
     argv: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    backoff: float = BACKOFF_FIRST
+    restart_at: float | None = None  # when a crashed process is due to be started again
     log_file: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        if self.log_file is None:
+            self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
             self.argv,
@@ -57,16 +70,24 @@ class Child:
             env=env,
             start_new_session=True,  # the supervisor, not the terminal, decides when it stops
         )
+        self.started_at = time.monotonic()
+        self.restart_at = None
 
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
+            assert self.process is not None
             self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
+            assert self.process is not None
             self.process.kill()
 
     def close(self) -> None:
@@ -90,13 +111,33 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class ChildFailed(DsgdError):
+    def __init__(self, message: str, child: Child) -> None:
+        tail = child.log_tail()
+        super().__init__(
+            f"{message}; see {child.log_path}" + (f"\n  last lines:\n{tail}" if tail else "")
+        )
+
+
 class Supervisor:
     """Runs one local cluster to completion."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, *, out: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        *,
+        out: Path | None = None,
+        checkpoint_dir: Path | None = None,
+        restore: Path | None = None,
+        max_restarts: int = 20,
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.out = out
+        self.checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
+        self.restore = restore
+        self.max_restarts = max_restarts
         self.children: list[Child] = []
         self.started = time.monotonic()
         self.coordinator_address = ""
@@ -133,61 +174,45 @@ class Supervisor:
 
     def _run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "config.json"
         config_path.write_text(self.config.to_json())
         self.say(
             f"dsgd: {self.config.num_workers} worker(s), {self.config.num_shards} shard(s), "
             f"model {self.config.model}; logs in {self.run_dir}/"
         )
-        python = sys.executable
+        python = [sys.executable, "-m"]
         ready = self.run_dir / "coordinator.ready"
         ready.unlink(missing_ok=True)
-        coordinator = self.spawn(
-            "coordinator",
-            [
-                python,
-                "-m",
-                "dsgd.coordinator",
-                "--config-file",
-                str(config_path),
-                "--ready-file",
-                str(ready),
-                "--status-file",
-                str(self.run_dir / "status.json"),
-                "--final-params",
-                str(self.run_dir / "final_params.npy"),
-            ],
-        )
-        info = self.wait_ready(coordinator, ready)
-        self.coordinator_address = info["address"]
+        coordinator_argv = [
+            *python,
+            "dsgd.coordinator",
+            "--config-file",
+            str(config_path),
+            "--ready-file",
+            str(ready),
+            "--status-file",
+            str(self.run_dir / "status.json"),
+            "--final-params",
+            str(self.run_dir / "final_params.npy"),
+        ]
+        if self.restore is not None:
+            coordinator_argv += ["--restore", str(self.restore)]
+        coordinator = self.spawn("coordinator", coordinator_argv)
+        self.coordinator_address = self.wait_ready(coordinator, ready)["address"]
+        # a restarted coordinator must come back where the members look for it
+        coordinator.argv += ["--port", self.coordinator_address.rsplit(":", 1)[1]]
         self._channel = grpc.insecure_channel(self.coordinator_address)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
+        join = ["--coordinator", self.coordinator_address]
         for k in range(self.config.num_shards):
             self.spawn(
                 f"shard{k}",
-                [
-                    python,
-                    "-m",
-                    "dsgd.server",
-                    "--coordinator",
-                    self.coordinator_address,
-                    "--shard-id",
-                    str(k),
-                ],
+                [*python, "dsgd.server", *join, "--shard-id", str(k)]
+                + ["--checkpoint-dir", str(self.checkpoint_dir)],
             )
         for k in range(self.config.num_workers):
-            self.spawn(
-                f"worker{k}",
-                [
-                    python,
-                    "-m",
-                    "dsgd.worker",
-                    "--coordinator",
-                    self.coordinator_address,
-                    "--worker-id",
-                    str(k),
-                ],
-            )
+            self.spawn(f"worker{k}", [*python, "dsgd.worker", *join, "--worker-id", str(k)])
         status = self.watch()
         return self.finish(status)
 
@@ -195,22 +220,57 @@ class Supervisor:
         child = Child(name, argv, self.run_dir / f"{name}.log")
         child.start()
         self.children.append(child)
+        self.write_pids()
         return child
+
+    def write_pids(self) -> None:
+        """``pids.json``: the current process of every member (for operators and fault tests)."""
+        pids = {c.name: c.process.pid for c in self.children if c.process is not None}
+        tmp = self.run_dir / "pids.json.tmp"
+        tmp.write_text(json.dumps(pids))
+        tmp.replace(self.run_dir / "pids.json")
 
     def wait_ready(self, child: Child, ready: Path) -> dict[str, Any]:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if ready.exists():
                 return dict(json.loads(ready.read_text()))
-            self.check_children()
+            code = child.poll()
+            if code is not None:
+                raise ChildFailed(f"{child.name} exited with code {code}", child)
             time.sleep(0.05)
         raise ChildFailed(f"{child.name} did not start within {START_TIMEOUT:.0f} s", child)
 
-    def check_children(self, allow_exit: bool = False) -> None:
+    def tend(self, run_over: bool) -> None:
+        """Restart crashed children (with backoff); a usage error or too many crashes is fatal."""
+        now = time.monotonic()
         for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.start()
+                    self.write_pids()
+                continue
             code = child.poll()
-            if code is not None and (code != 0 or not allow_exit):
-                raise ChildFailed(f"{child.name} exited with code {code}", child)
+            if code is None or (run_over and code == 0):
+                continue
+            if code == EXIT_USER_ERROR:
+                raise ChildFailed(f"{child.name} stopped on a usage error", child)
+            if code == 0 and child.name != "coordinator":
+                continue  # a member that left on its own (the run is ending)
+            if child.restarts >= self.max_restarts:
+                raise ChildFailed(
+                    f"{child.name} crashed {child.restarts + 1} times (last exit code {code})",
+                    child,
+                )
+            if now - child.started_at > STABLE_AFTER:
+                child.backoff = BACKOFF_FIRST
+            child.restarts += 1
+            child.restart_at = now + child.backoff
+            self.say(
+                f"dsgd: {child.name} exited with code {code}; restarting in "
+                f"{child.backoff:.1f} s (restart {child.restarts})"
+            )
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
 
     def query(self) -> pb.ClusterStatus | None:
         assert self._stub is not None
@@ -225,8 +285,7 @@ class Supervisor:
         done_at: float | None = None
         status: pb.ClusterStatus | None = None
         while True:
-            members_exited = all(c.poll() == 0 for c in self.children[1:])
-            self.check_children(allow_exit=done_at is not None)
+            self.tend(run_over=done_at is not None)
             status = self.query() or status
             now = time.monotonic()
             if status is not None and now - last_progress >= PROGRESS_INTERVAL:
@@ -235,6 +294,7 @@ class Supervisor:
             if status is not None and status.done and done_at is None:
                 done_at = now
                 self.say(f"dsgd: {status.done_reason}; waiting for members to leave")
+            members_exited = all(c.poll() is not None for c in self.children[1:])
             if done_at is not None and (members_exited or now - done_at > MEMBER_EXIT_TIMEOUT):
                 return self.query() or status
             time.sleep(POLL_INTERVAL)
@@ -252,6 +312,7 @@ class Supervisor:
         if status is None:
             raise ChildFailed("the coordinator reported no final status", self.children[0])
         summary = summarize(status, time.monotonic() - self.started)
+        summary["restarts"] = {c.name: c.restarts for c in self.children if c.restarts}
         summary["run_dir"] = str(self.run_dir)
         line = json.dumps(summary)
         if self.out is not None:
@@ -265,30 +326,40 @@ class Supervisor:
     def stop_all(self) -> None:
         """SIGTERM every child still running (workers first), then SIGKILL stragglers."""
         for child in reversed(self.children):
+            child.restart_at = None
             child.terminate()
         deadline = time.monotonic() + STOP_TIMEOUT
         for child in self.children:
-            while child.poll() is None and time.monotonic() < deadline:
+            while child.running and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if child.poll() is None:
+            if child.running:
                 self.say(f"dsgd: {child.name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s; killing it")
                 child.kill()
             child.close()
-
-
-class ChildFailed(DsgdError):
-    def __init__(self, message: str, child: Child) -> None:
-        tail = child.log_tail()
-        super().__init__(
-            f"{message}; see {child.log_path}" + (f"\n  last lines:\n{tail}" if tail else "")
-        )
 
 
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def start(config: TrainConfig, run_dir: Path | None = None, out: Path | None = None) -> int:
+def start(
+    config: TrainConfig,
+    run_dir: Path | None = None,
+    out: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    restore: Path | None = None,
+) -> int:
     if out is not None and not out.parent.exists():
         raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
-    return Supervisor(config, run_dir or default_run_dir(), out=out).run()
+    if restore is not None and not (restore / "manifest.json").exists():
+        raise ConfigError(
+            f"--restore {restore}: no manifest.json there; "
+            "point it at a directory written by `dsgd checkpoint save`"
+        )
+    return Supervisor(
+        config,
+        run_dir or default_run_dir(),
+        out=out,
+        checkpoint_dir=checkpoint_dir,
+        restore=restore,
+    ).run()

@@ -17,10 +17,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -28,10 +29,11 @@ import numpy as np
 import zmq.asyncio
 
 from dsgd import wire
-from dsgd.client import ShardClient
+from dsgd.client import LOST, ShardClient
+from dsgd.codec import CodecConfig, Encoded, SparseEncoder
 from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, stats_message
-from dsgd.errors import ConfigError, LayoutMismatch, PeerLost
+from dsgd.errors import Closed, ConfigError, LayoutMismatch, PeerLost, ProtocolError
 from dsgd.model import CompiledModel, ModelSpec, batches, load_model
 from dsgd.process import run_process, setup_logging, write_ready_file
 from dsgd.proto import control_pb2 as pb
@@ -40,7 +42,25 @@ from dsgd.types import FlatParams, ShardInfo
 
 log = logging.getLogger("dsgd.worker")
 
-DRAIN_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 10.0  # seconds to wait for acknowledgements when the run ends
+SHARD_SILENT = 2.0  # seconds without a word from a shard before pushes to it are held
+PERMIT_TIMEOUT = 5.0  # seconds to wait for a push permit before holding the push
+COUNTERS = (
+    "pushes",
+    "bytes_pushed",
+    "bytes_pushed_dense_equivalent",
+    "values_pushed",
+    "bytes_fetched",
+    "bytes_fetched_dense_equivalent",
+    "fetches",
+    "fetches_skipped",
+    "fetches_failed",
+    "fetches_unavailable",
+    "pushes_deferred",
+    "values_given_back",
+    "chunks_rejected",
+    "nonfinite_updates",
+)
 
 
 def worker_batches(
@@ -64,17 +84,19 @@ class Worker:
         num_partitions: int,
         shards: Sequence[ShardInfo],
         context: zmq.asyncio.Context,
+        incarnation: int = 0,
     ) -> None:
         self.compiled = compiled
         self.config = config
         self.worker_id = worker_id
         self.partition = partition
         self.num_partitions = num_partitions
+        self.incarnation = incarnation or secrets.randbits(62) + 1
         self.shards = sorted(shards, key=lambda s: s.shard_id)
         expected = [(r.start, r.stop) for r in compiled.layout.ranges]
         announced = [(s.start, s.stop) for s in self.shards]
         if announced != expected:
-            raise PeerLost(
+            raise LayoutMismatch(
                 f"the coordinator announced shard ranges {announced}, this model's layout "
                 f"needs {expected}; are worker and coordinator running the same model?"
             )
@@ -83,45 +105,55 @@ class Worker:
         size = compiled.layout.size
         self.server_params: FlatParams = np.empty(size, np.float32)  # as last fetched
         self.params: FlatParams = np.empty(size, np.float32)  # with local steps applied
-        self.held_versions = [-1] * len(self.shards)
+        n = len(self.shards)
+        self.held_versions = [-1] * n  # per shard: the version server_params hold
+        self.held_incarnations = [0] * n  # ... of which shard incarnation
         # our own push moves a shard's version before its broadcast says so
-        self._pushed_since_fetch = [False] * len(self.shards)
+        self._pushed_since_fetch = [False] * n
+        # what each push has not yet acknowledged, per (seq, shard): resent if lost
+        self._inflight: dict[tuple[int, int], tuple[Encoded, list[tuple[int, int]]]] = {}
+        self.encoders = [
+            SparseEncoder(
+                s.stop - s.start,
+                CodecConfig(
+                    density=config.density,
+                    value_dtype=config.value_dtype,
+                    warmup_pushes=config.density_warmup,
+                    seed=config.seed * 7919 + worker_id * 131 + s.shard_id,
+                ),
+            )
+            for s in self.shards
+        ]
+        self._unavailable: set[int] = set()  # shards we are not pushing to right now
         self.step = 0
         self.seq = 0
         self.loss = float("nan")
         self.rate = RateMeter()
-        self.counters: dict[str, float] = {
-            "pushes": 0,
-            "bytes_pushed": 0,
-            "bytes_fetched": 0,
-            "fetches": 0,
-            "fetches_skipped": 0,
-            "push_failures": 0,
-            "chunks_rejected": 0,
-        }
-        self._free: list[FlatParams] = []  # update buffers not referenced by any push
-        self._pending: dict[int, tuple[FlatParams, int]] = {}  # seq -> (buffer, shards left)
+        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for shard in self.shards:
-            client = ShardClient(
-                shard.shard_id,
-                shard.data_address,
-                shard.pub_address,
-                self.compiled.layout.fingerprint,
-                self.worker_id,
-                self._ctx,
-                max_inflight=self.config.max_inflight,
-            )
+        self.clients = [self._client(shard) for shard in self.shards]
+        for client in self.clients:
             await client.start()
-            self.clients.append(client)
+
+    def _client(self, shard: ShardInfo) -> ShardClient:
+        return ShardClient(
+            shard.shard_id,
+            shard.data_address,
+            shard.pub_address,
+            self.compiled.layout.fingerprint,
+            self.worker_id,
+            self._ctx,
+            max_inflight=self.config.max_inflight,
+            incarnation=self.incarnation,
+        )
 
     async def aclose(self) -> None:
         for client in self.clients:
             await client.aclose()
-        self.clients.clear()
+        self.clients = []
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -130,14 +162,38 @@ class Worker:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    async def update_endpoints(self, shards: Sequence[ShardInfo]) -> None:
+        """Follow shards that moved (a restarted shard binds new ports): reconnect."""
+        for info in shards:
+            k = next((i for i, s in enumerate(self.shards) if s.shard_id == info.shard_id), None)
+            if k is None or (info.start, info.stop) != (self.shards[k].start, self.shards[k].stop):
+                continue
+            current = self.shards[k]
+            if (info.data_address, info.pub_address) == (
+                current.data_address,
+                current.pub_address,
+            ):
+                continue
+            log.info(
+                "worker %d: shard %d moved to %s; reconnecting",
+                self.worker_id,
+                info.shard_id,
+                info.data_address,
+            )
+            old = self.clients[k]
+            self.shards[k] = info
+            self.clients[k] = self._client(info)
+            await self.clients[k].start()
+            self.held_versions[k] = -1
+            await old.aclose()  # its unacknowledged pushes come back as lost: resent later
+
     # -- the Downpour loop -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Train until ``stop`` is set or ``max_steps`` is reached, then drain pushes."""
         config = self.config
-        await self.fetch()
+        await self._first_fetch(stop)
         stream = worker_batches(self.compiled, config, self.partition, self.num_partitions)
-        update = self._take_buffer()
         local_lr = np.float32(config.worker_lr)
         log.info(
             "worker %d training on partition %d/%d",
@@ -147,26 +203,39 @@ class Worker:
         )
         while not stop.is_set() and not (config.max_steps and self.step >= config.max_steps):
             if self.step and self.step % config.n_fetch == 0:
-                try:
-                    await self.fetch()
-                except PeerLost:
-                    if stop.is_set():  # the run ended while we waited: nothing is lost
-                        break
-                    raise
+                await self.fetch()
             x, y = next(stream)
             loss, grad = await asyncio.to_thread(self.compiled.gradient, self.params, x, y)
-            update += grad
+            for encoder, shard in zip(self.encoders, self.shards, strict=True):
+                encoder.accumulate(grad[shard.start : shard.stop])
             if local_lr:
                 self.params -= local_lr * grad
             self.step += 1
             self.rate.add()
             self.loss = loss if np.isnan(self.loss) else 0.95 * self.loss + 0.05 * loss
             if self.step % config.n_push == 0:
-                await self.push(update)
-                update = self._take_buffer()
+                await self.push()
         if self.step % config.n_push:
-            await self.push(update)
+            await self.push()
         await self.drain()
+
+    async def _first_fetch(self, stop: asyncio.Event) -> None:
+        waited_since = time.monotonic()
+        while self.fetch_missing() and not stop.is_set():
+            await self.fetch()
+            if self.fetch_missing():
+                missing = ", ".join(str(self.shards[k].shard_id) for k in self.fetch_missing())
+                log.warning(
+                    "worker %d waiting for shard(s) %s since %.0f s",
+                    self.worker_id,
+                    missing,
+                    time.monotonic() - waited_since,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    def fetch_missing(self) -> list[int]:
+        return [k for k, v in enumerate(self.held_versions) if v < 0]
 
     async def drain(self) -> None:
         try:
@@ -177,23 +246,38 @@ class Worker:
             log.warning(
                 "worker %d: %d pushes still unacknowledged after %.0f s at shutdown",
                 self.worker_id,
-                len(self._pending),
+                len(self._inflight),
                 DRAIN_TIMEOUT,
             )
 
     # -- fetch -------------------------------------------------------------------------------
 
     async def fetch(self) -> bool:
-        """Refresh the parameters from every shard whose version moved; True if any did."""
+        """Refresh the parameters from every shard whose version moved; True if any did.
+
+        A shard that does not answer keeps its last parameters; the worker goes on.
+        """
         changed = False
         for k, (client, shard) in enumerate(zip(self.clients, self.shards, strict=True)):
+            self.counters["bytes_fetched_dense_equivalent"] += 4 * (shard.stop - shard.start)
             held = self.held_versions[k]
-            if held >= 0 and not self._pushed_since_fetch[k] and client.broadcast_version == held:
-                self.counters["fetches_skipped"] += 1
+            same_shard = client.incarnation == self.held_incarnations[k]
+            if held >= 0 and same_shard and not self._pushed_since_fetch[k]:
+                if client.broadcast_version == held:
+                    self.counters["fetches_skipped"] += 1
+                    continue
+            if held >= 0 and client.silent_for() > SHARD_SILENT:
+                self.counters["fetches_unavailable"] += 1
                 continue
             dest = self.server_params[shard.start : shard.stop]
-            version, nbytes = await client.fetch(dest, since=held)
+            try:
+                version, nbytes = await client.fetch(dest, since=held if same_shard else -1)
+            except (PeerLost, ProtocolError, Closed) as exc:  # Closed: the shard moved
+                self.counters["fetches_failed"] += 1
+                log.warning("worker %d: fetch from shard %d failed: %s", self.worker_id, k, exc)
+                continue
             self.held_versions[k] = version
+            self.held_incarnations[k] = client.incarnation
             self._pushed_since_fetch[k] = False
             self.counters["fetches"] += 1
             self.counters["bytes_fetched"] += nbytes
@@ -204,23 +288,24 @@ class Worker:
 
     # -- push --------------------------------------------------------------------------------
 
-    def _take_buffer(self) -> FlatParams:
-        if self._free:
-            buffer = self._free.pop()
-            buffer.fill(0.0)
-            return buffer
-        return np.zeros(self.compiled.layout.size, np.float32)
+    async def push(self) -> None:
+        """Encode what each shard's encoder accumulated (sparse when ``density`` < 1) and send it.
 
-    async def push(self, update: FlatParams) -> None:
-        """Split ``update`` by shard and into chunks and send it (without waiting for acks).
-
-        The chunks reference ``update`` without copying, so the buffer goes back to the
-        pool only once every shard has acknowledged the push.
+        A shard that is silent, or still holding ``max_inflight`` unacknowledged pushes,
+        is skipped: its share stays in the encoder's residual for a later push.
         """
         self.seq += 1
         seq = self.seq
-        self._pending[seq] = (update, len(self.clients))
         for k, (client, shard) in enumerate(zip(self.clients, self.shards, strict=True)):
+            if client.silent_for() > SHARD_SILENT:
+                self._mark_unavailable(k, f"silent for {client.silent_for():.0f} s")
+                continue
+            try:
+                encoded = self.encoders[k].encode()
+            except FloatingPointError as exc:
+                self.counters["nonfinite_updates"] += 1
+                log.warning("worker %d: push to shard %d skipped: %s", self.worker_id, k, exc)
+                continue
             template = wire.Header(
                 kind=wire.PUSH,
                 fingerprint=self.compiled.layout.fingerprint,
@@ -228,31 +313,72 @@ class Worker:
                 worker=self.worker_id,
                 seq=seq,
                 base_version=max(self.held_versions[k], 0),
+                incarnation=self.incarnation,
             )
-            values = update[shard.start : shard.stop]
-            messages = list(wire.dense_chunks(template, values, self.config.chunk_bytes))
+            chunk = self.config.chunk_bytes
+            if encoded.indices is None:
+                messages = list(wire.dense_chunks(template, encoded.values, chunk))
+            else:
+                messages = list(
+                    wire.sparse_chunks(template, encoded.indices, encoded.values, chunk)
+                )
+            bounds = _chunk_slices(messages)
+            self._inflight[(seq, k)] = (encoded, bounds)
             before = client.bytes_pushed
-            await client.push(seq, messages, self._on_push_done)
+            try:
+                sent = await client.push(seq, messages, self._acked(k), PERMIT_TIMEOUT)
+            except Closed:  # the shard moved while we waited for a permit
+                sent = False
+            if not sent:
+                del self._inflight[(seq, k)]
+                self._give_back(k, encoded, bounds)
+                self._mark_unavailable(k, f"{client.inflight} pushes unacknowledged")
+                continue
+            self._unavailable.discard(k)
             self._pushed_since_fetch[k] = True
             self.counters["bytes_pushed"] += client.bytes_pushed - before
+            self.counters["bytes_pushed_dense_equivalent"] += 4 * (shard.stop - shard.start)
+            self.counters["values_pushed"] += encoded.values.size
         self.counters["pushes"] += 1
 
-    def _on_push_done(self, seq: int, result: list[str] | BaseException) -> None:
-        if isinstance(result, BaseException):
-            self.counters["push_failures"] += 1
-            if not isinstance(result, asyncio.CancelledError):
-                log.warning("worker %d: push %d failed: %s", self.worker_id, seq, result)
-        else:
-            rejected = [s for s in result if s.startswith("rejected")]
-            self.counters["chunks_rejected"] += len(rejected)
+    def _acked(self, k: int) -> Callable[[int, list[str]], None]:
+        def on_done(seq: int, statuses: list[str]) -> None:
+            encoded, bounds = self._inflight.pop((seq, k))
+            lost = [bounds[i] for i, status in enumerate(statuses) if status == LOST]
+            self._give_back(k, encoded, lost)
+            rejected = [s for s in statuses if s.startswith("rejected")]
             if rejected:
-                log.warning("worker %d: push %d: %s", self.worker_id, seq, rejected[0])
-        buffer, left = self._pending[seq]
-        if left > 1:
-            self._pending[seq] = (buffer, left - 1)
-        else:
-            del self._pending[seq]
-            self._free.append(buffer)
+                self.counters["chunks_rejected"] += len(rejected)
+                log.warning(
+                    "worker %d: push %d to shard %d: %s", self.worker_id, seq, k, rejected[0]
+                )
+
+        return on_done
+
+    def _give_back(self, k: int, encoded: Encoded, chunks: list[tuple[int, int]]) -> None:
+        """Return never-applied chunks to shard k's residual, so a later push resends them.
+
+        ``chunks`` are ``(start, count)`` slices of the encoded arrays.
+        """
+        encoder = self.encoders[k]
+        for start, count in chunks:
+            values = encoded.values[start : start + count]
+            if encoded.indices is None:
+                encoder.give_back_dense(values, start)
+            else:
+                encoder.give_back(encoded.indices[start : start + count], values)
+            self.counters["values_given_back"] += count
+
+    def _mark_unavailable(self, k: int, why: str) -> None:
+        self.counters["pushes_deferred"] += 1
+        if k not in self._unavailable:
+            self._unavailable.add(k)
+            log.warning(
+                "worker %d: holding updates for shard %d (%s); they stay in the residual",
+                self.worker_id,
+                self.shards[k].shard_id,
+                why,
+            )
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -264,6 +390,13 @@ class Worker:
             "loss": 0.0 if np.isnan(self.loss) else float(self.loss),
             "counters": {k: float(v) for k, v in self.counters.items()},
         }
+
+
+def _chunk_slices(messages: list[list[Any]]) -> list[tuple[int, int]]:
+    """``(start, count)`` of each chunk message within the encoded arrays it was cut from."""
+    counts = [wire.unpack_header(frames[0]).count for frames in messages]
+    starts = np.cumsum([0, *counts[:-1]])
+    return [(int(a), c) for a, c in zip(starts, counts, strict=True)]
 
 
 async def run_worker(
@@ -295,26 +428,33 @@ async def run_worker(
                 f"from the cluster's ({status.model}, fingerprint "
                 f"{status.layout_fingerprint:016x}); start the worker with the cluster's --model"
             )
-        reply = await _register_worker(link, compiled, worker_id, host_label, model, stop)
+        incarnation = secrets.randbits(62) + 1
+        request = pb.RegisterWorkerRequest(
+            worker_id=worker_id,
+            layout_fingerprint=compiled.layout.fingerprint,
+            model=model or compiled.spec.name,
+            host=host_label or socket.gethostname(),
+            protocol_version=wire.PROTOCOL_VERSION,
+            incarnation=incarnation,
+        )
+        reply = await _register_worker(link, request, stop)
         if reply is None:
             return {}
-        shards = [
-            ShardInfo(e.shard_id, e.data_address, e.pub_address, e.start, e.stop, e.incarnation)
-            for e in reply.shards
-        ]
         worker = Worker(
             compiled,
             TrainConfig.from_json(reply.config_json),
             reply.worker_id,
             reply.partition,
             reply.num_partitions,
-            shards,
+            _shard_infos(reply.shards),
             ctx,
+            incarnation,
         )
         async with worker:
             write_ready_file(ready_file, {"worker_id": worker.worker_id})
             finished = asyncio.Event()
-            beats = asyncio.create_task(_heartbeats(link, worker, config, stop, finished))
+            request.worker_id = worker.worker_id  # registering again claims the same slot
+            beats = asyncio.create_task(_heartbeats(link, worker, request, config, stop, finished))
             try:
                 await _first(worker.run(stop), finished.wait(), stop)
             finally:
@@ -357,21 +497,16 @@ async def _first(run: Any, finished: Any, stop: asyncio.Event) -> None:
             await finished_task
 
 
+def _shard_infos(endpoints: Any) -> list[ShardInfo]:
+    return [
+        ShardInfo(e.shard_id, e.data_address, e.pub_address, e.start, e.stop, e.incarnation)
+        for e in endpoints
+    ]
+
+
 async def _register_worker(
-    link: CoordinatorLink,
-    compiled: CompiledModel,
-    worker_id: int,
-    host_label: str,
-    model: str | None,
-    stop: asyncio.Event,
+    link: CoordinatorLink, request: pb.RegisterWorkerRequest, stop: asyncio.Event
 ) -> Any:
-    request = pb.RegisterWorkerRequest(
-        worker_id=worker_id,
-        layout_fingerprint=compiled.layout.fingerprint,
-        model=model or compiled.spec.name,
-        host=host_label or socket.gethostname(),
-        protocol_version=wire.PROTOCOL_VERSION,
-    )
     waited_since = time.monotonic()
     last_report = 0.0
     while not stop.is_set():
@@ -394,6 +529,7 @@ def _heartbeat(worker: Worker, leaving: bool = False) -> pb.HeartbeatRequest:
     return pb.HeartbeatRequest(
         role=pb.ROLE_WORKER,
         id=worker.worker_id,
+        incarnation=worker.incarnation,
         stats=stats_message(worker.stats()),
         leaving=leaving,
     )
@@ -402,28 +538,24 @@ def _heartbeat(worker: Worker, leaving: bool = False) -> pb.HeartbeatRequest:
 async def _heartbeats(
     link: CoordinatorLink,
     worker: Worker,
+    request: pb.RegisterWorkerRequest,
     config: TrainConfig,
     stop: asyncio.Event,
     finished: asyncio.Event,
 ) -> None:
+    """Report progress; follow moved shards; stop when told; re-register with a new coordinator."""
     while not stop.is_set():
         reply = await link.heartbeat_once(_heartbeat(worker))
         if reply is not None and reply.shutdown:
             log.info("worker %d: coordinator ended the run (%s)", worker.worker_id, reply.reason)
             finished.set()
             return
+        if reply is not None and reply.shards:
+            await worker.update_endpoints(_shard_infos(reply.shards))
         if reply is not None and reply.reregister:
             log.info("worker %d: coordinator restarted; registering again", worker.worker_id)
-            with contextlib.suppress(grpc.aio.AioRpcError, ConfigError):
-                await link.call(
-                    link.stub.RegisterWorker,
-                    pb.RegisterWorkerRequest(
-                        worker_id=worker.worker_id,
-                        layout_fingerprint=worker.compiled.layout.fingerprint,
-                        protocol_version=wire.PROTOCOL_VERSION,
-                    ),
-                    "registering again",
-                )
+            with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
+                await link.call(link.stub.RegisterWorker, request, "registering again")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), config.heartbeat_interval)
 

@@ -34,7 +34,7 @@ class Harness:
 
     async def push_dense(self, seq: int, values: np.ndarray, base_version: int = 0) -> list[str]:
         messages = list(wire.dense_chunks(self.header(seq, base_version), values, 1 << 14))
-        await self.client.push(seq, messages, self.on_done)
+        assert await self.client.push(seq, messages, self.on_done, permit_timeout=5.0)
         async with asyncio.timeout(10):
             await self.client.drain()
         return self.done[seq]

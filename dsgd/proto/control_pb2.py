@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64sgd/proto/control.proto\x12\x07\x64sgd.v1\"\xaf\x01\n\x0bMemberStats\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rate\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x34\n\x08\x63ounters\x18\x05 \x03(\x0b\x32\".dsgd.v1.MemberStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x97\x01\n\rShardEndpoint\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x13\n\x0bpub_address\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\x03\x12\x0c\n\x04stop\x18\x05 \x01(\x03\x12\x13\n\x0bincarnation\x18\x06 \x01(\x04\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\"\x99\x01\n\x14RegisterShardRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12(\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32\x16.dsgd.v1.ShardEndpoint\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\"\x8c\x01\n\x12RegisterShardReply\x12\x12\n\nnum_shards\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0c\n\x04stop\x18\x03 \x01(\x03\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x14\n\x0csend_initial\x18\x06 \x01(\x08\"H\n\x18\x46\x65tchInitialShardRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x1a\n\x12layout_fingerprint\x18\x02 \x01(\x04\"H\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"}\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x1a\n\x12layout_fingerprint\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\"\xb4\x01\n\x13RegisterWorkerReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0bwaiting_for\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\x05\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x16\n\x0enum_partitions\x18\x05 \x01(\x05\x12&\n\x06shards\x18\x06 \x03(\x0b\x32\x16.dsgd.v1.ShardEndpoint\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\"\x86\x01\n\x10HeartbeatRequest\x12\x1b\n\x04role\x18\x01 \x01(\x0e\x32\r.dsgd.v1.Role\x12\n\n\x02id\x18\x02 \x01(\x05\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.dsgd.v1.MemberStats\x12\x0f\n\x07leaving\x18\x05 \x01(\x08\"n\n\x0eHeartbeatReply\x12\x10\n\x08shutdown\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nreregister\x18\x03 \x01(\x08\x12&\n\x06shards\x18\x04 \x03(\x0b\x32\x16.dsgd.v1.ShardEndpoint\"\x0f\n\rStatusRequest\"\xac\x01\n\x0cMemberStatus\x12\x1b\n\x04role\x18\x01 \x01(\x0e\x32\r.dsgd.v1.Role\x12\n\n\x02id\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x19\n\x11last_seen_seconds\x18\x04 \x01(\x01\x12#\n\x05stats\x18\x05 \x01(\x0b\x32\x14.dsgd.v1.MemberStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x13\n\x0bincarnation\x18\x07 \x01(\x04\"\xc9\x01\n\nEvaluation\x12\x17\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x15\n\rtotal_version\x18\x04 \x01(\x03\x12\x31\n\x07metrics\x18\x05 \x03(\x0b\x32 .dsgd.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdc\x02\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_params\x18\x02 \x01(\x03\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\x04\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x05 \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\x06 \x01(\x01\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.dsgd.v1.MemberStatus\x12$\n\x07history\x18\x08 \x03(\x0b\x32\x13.dsgd.v1.Evaluation\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x13\n\x0b\x64one_reason\x18\n \x01(\t\x12\x16\n\x0ereached_target\x18\x0b \x01(\x08\x12\x13\n\x0bwaiting_for\x18\x0c \x01(\t\x12\x17\n\x0ftarget_accuracy\x18\r \x01(\x01\x12\x13\n\x0b\x63onfig_json\x18\x0e \x01(\t\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rShutdownReply*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_SHARD\x10\x01\x12\x0f\n\x0bROLE_WORKER\x10\x02\x32\xb3\x03\n\x0b\x43oordinator\x12K\n\rRegisterShard\x12\x1d.dsgd.v1.RegisterShardRequest\x1a\x1b.dsgd.v1.RegisterShardReply\x12N\n\x11\x46\x65tchInitialShard\x12!.dsgd.v1.FetchInitialShardRequest\x1a\x14.dsgd.v1.TensorChunk0\x01\x12N\n\x0eRegisterWorker\x12\x1e.dsgd.v1.RegisterWorkerRequest\x1a\x1c.dsgd.v1.RegisterWorkerReply\x12?\n\tHeartbeat\x12\x19.dsgd.v1.HeartbeatRequest\x1a\x17.dsgd.v1.HeartbeatReply\x12\x38\n\x06Status\x12\x16.dsgd.v1.StatusRequest\x1a\x16.dsgd.v1.ClusterStatus\x12<\n\x08Shutdown\x12\x18.dsgd.v1.ShutdownRequest\x1a\x16.dsgd.v1.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64sgd/proto/control.proto\x12\x07\x64sgd.v1\"\xaf\x01\n\x0bMemberStats\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rate\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x34\n\x08\x63ounters\x18\x05 \x03(\x0b\x32\".dsgd.v1.MemberStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x97\x01\n\rShardEndpoint\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x13\n\x0bpub_address\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\x03\x12\x0c\n\x04stop\x18\x05 \x01(\x03\x12\x13\n\x0bincarnation\x18\x06 \x01(\x04\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\"\x99\x01\n\x14RegisterShardRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12(\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32\x16.dsgd.v1.ShardEndpoint\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\"\x9d\x01\n\x12RegisterShardReply\x12\x12\n\nnum_shards\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0c\n\x04stop\x18\x03 \x01(\x03\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x14\n\x0csend_initial\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\x03\"H\n\x18\x46\x65tchInitialShardRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x1a\n\x12layout_fingerprint\x18\x02 \x01(\x04\"H\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x92\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x1a\n\x12layout_fingerprint\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\x12\x13\n\x0bincarnation\x18\x06 \x01(\x04\"\xb4\x01\n\x13RegisterWorkerReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0bwaiting_for\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\x05\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x16\n\x0enum_partitions\x18\x05 \x01(\x05\x12&\n\x06shards\x18\x06 \x03(\x0b\x32\x16.dsgd.v1.ShardEndpoint\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\"\x86\x01\n\x10HeartbeatRequest\x12\x1b\n\x04role\x18\x01 \x01(\x0e\x32\r.dsgd.v1.Role\x12\n\n\x02id\x18\x02 \x01(\x05\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12#\n\x05stats\x18\x04 \x01(\x0b\x32\x14.dsgd.v1.MemberStats\x12\x0f\n\x07leaving\x18\x05 \x01(\x08\"n\n\x0eHeartbeatReply\x12\x10\n\x08shutdown\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nreregister\x18\x03 \x01(\x08\x12&\n\x06shards\x18\x04 \x03(\x0b\x32\x16.dsgd.v1.ShardEndpoint\"\x0f\n\rStatusRequest\"\xac\x01\n\x0cMemberStatus\x12\x1b\n\x04role\x18\x01 \x01(\x0e\x32\r.dsgd.v1.Role\x12\n\n\x02id\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x19\n\x11last_seen_seconds\x18\x04 \x01(\x01\x12#\n\x05stats\x18\x05 \x01(\x0b\x32\x14.dsgd.v1.MemberStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x13\n\x0bincarnation\x18\x07 \x01(\x04\"\xc9\x01\n\nEvaluation\x12\x17\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x15\n\rtotal_version\x18\x04 \x01(\x03\x12\x31\n\x07metrics\x18\x05 \x03(\x0b\x32 .dsgd.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdc\x02\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_params\x18\x02 \x01(\x03\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\x04\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x05 \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\x06 \x01(\x01\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.dsgd.v1.MemberStatus\x12$\n\x07history\x18\x08 \x03(\x0b\x32\x13.dsgd.v1.Evaluation\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x13\n\x0b\x64one_reason\x18\n \x01(\t\x12\x16\n\x0ereached_target\x18\x0b \x01(\x08\x12\x13\n\x0bwaiting_for\x18\x0c \x01(\t\x12\x17\n\x0ftarget_accuracy\x18\r \x01(\x01\x12\x13\n\x0b\x63onfig_json\x18\x0e \x01(\t\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rShutdownReply\"#\n\x11\x43heckpointRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"r\n\x0f\x43heckpointPiece\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x15\n\rmanifest_json\x18\x06 \x01(\t*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_SHARD\x10\x01\x12\x0f\n\x0bROLE_WORKER\x10\x02\x32\xfd\x03\n\x0b\x43oordinator\x12K\n\rRegisterShard\x12\x1d.dsgd.v1.RegisterShardRequest\x1a\x1b.dsgd.v1.RegisterShardReply\x12N\n\x11\x46\x65tchInitialShard\x12!.dsgd.v1.FetchInitialShardRequest\x1a\x14.dsgd.v1.TensorChunk0\x01\x12N\n\x0eRegisterWorker\x12\x1e.dsgd.v1.RegisterWorkerRequest\x1a\x1c.dsgd.v1.RegisterWorkerReply\x12?\n\tHeartbeat\x12\x19.dsgd.v1.HeartbeatRequest\x1a\x17.dsgd.v1.HeartbeatReply\x12\x38\n\x06Status\x12\x16.dsgd.v1.StatusRequest\x1a\x16.dsgd.v1.ClusterStatus\x12<\n\x08Shutdown\x12\x18.dsgd.v1.ShutdownRequest\x1a\x16.dsgd.v1.ShutdownReply\x12H\n\x0eSaveCheckpoint\x12\x1a.dsgd.v1.CheckpointRequest\x1a\x18.dsgd.v1.CheckpointPiece0\x01\x32M\n\x05Shard\x12\x44\n\nCheckpoint\x12\x1a.dsgd.v1.CheckpointRequest\x1a\x18.dsgd.v1.CheckpointPiece0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERSTATS_COUNTERSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATION_METRICSENTRY']._loaded_options = None
   _globals['_EVALUATION_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2174
-  _globals['_ROLE']._serialized_end=2235
+  _globals['_ROLE']._serialized_start=2366
+  _globals['_ROLE']._serialized_end=2427
   _globals['_MEMBERSTATS']._serialized_start=38
   _globals['_MEMBERSTATS']._serialized_end=213
   _globals['_MEMBERSTATS_COUNTERSENTRY']._serialized_start=166
@@ -46,33 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERSHARDREQUEST']._serialized_start=370
   _globals['_REGISTERSHARDREQUEST']._serialized_end=523
   _globals['_REGISTERSHARDREPLY']._serialized_start=526
-  _globals['_REGISTERSHARDREPLY']._serialized_end=666
-  _globals['_FETCHINITIALSHARDREQUEST']._serialized_start=668
-  _globals['_FETCHINITIALSHARDREQUEST']._serialized_end=740
-  _globals['_TENSORCHUNK']._serialized_start=742
-  _globals['_TENSORCHUNK']._serialized_end=814
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=816
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=941
-  _globals['_REGISTERWORKERREPLY']._serialized_start=944
-  _globals['_REGISTERWORKERREPLY']._serialized_end=1124
-  _globals['_HEARTBEATREQUEST']._serialized_start=1127
-  _globals['_HEARTBEATREQUEST']._serialized_end=1261
-  _globals['_HEARTBEATREPLY']._serialized_start=1263
-  _globals['_HEARTBEATREPLY']._serialized_end=1373
-  _globals['_STATUSREQUEST']._serialized_start=1375
-  _globals['_STATUSREQUEST']._serialized_end=1390
-  _globals['_MEMBERSTATUS']._serialized_start=1393
-  _globals['_MEMBERSTATUS']._serialized_end=1565
-  _globals['_EVALUATION']._serialized_start=1568
-  _globals['_EVALUATION']._serialized_end=1769
-  _globals['_EVALUATION_METRICSENTRY']._serialized_start=1723
-  _globals['_EVALUATION_METRICSENTRY']._serialized_end=1769
-  _globals['_CLUSTERSTATUS']._serialized_start=1772
-  _globals['_CLUSTERSTATUS']._serialized_end=2120
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2122
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2155
-  _globals['_SHUTDOWNREPLY']._serialized_start=2157
-  _globals['_SHUTDOWNREPLY']._serialized_end=2172
-  _globals['_COORDINATOR']._serialized_start=2238
-  _globals['_COORDINATOR']._serialized_end=2673
+  _globals['_REGISTERSHARDREPLY']._serialized_end=683
+  _globals['_FETCHINITIALSHARDREQUEST']._serialized_start=685
+  _globals['_FETCHINITIALSHARDREQUEST']._serialized_end=757
+  _globals['_TENSORCHUNK']._serialized_start=759
+  _globals['_TENSORCHUNK']._serialized_end=831
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=834
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=980
+  _globals['_REGISTERWORKERREPLY']._serialized_start=983
+  _globals['_REGISTERWORKERREPLY']._serialized_end=1163
+  _globals['_HEARTBEATREQUEST']._serialized_start=1166
+  _globals['_HEARTBEATREQUEST']._serialized_end=1300
+  _globals['_HEARTBEATREPLY']._serialized_start=1302
+  _globals['_HEARTBEATREPLY']._serialized_end=1412
+  _globals['_STATUSREQUEST']._serialized_start=1414
+  _globals['_STATUSREQUEST']._serialized_end=1429
+  _globals['_MEMBERSTATUS']._serialized_start=1432
+  _globals['_MEMBERSTATUS']._serialized_end=1604
+  _globals['_EVALUATION']._serialized_start=1607
+  _globals['_EVALUATION']._serialized_end=1808
+  _globals['_EVALUATION_METRICSENTRY']._serialized_start=1762
+  _globals['_EVALUATION_METRICSENTRY']._serialized_end=1808
+  _globals['_CLUSTERSTATUS']._serialized_start=1811
+  _globals['_CLUSTERSTATUS']._serialized_end=2159
+  _globals['_SHUTDOWNREQUEST']._serialized_start=2161
+  _globals['_SHUTDOWNREQUEST']._serialized_end=2194
+  _globals['_SHUTDOWNREPLY']._serialized_start=2196
+  _globals['_SHUTDOWNREPLY']._serialized_end=2211
+  _globals['_CHECKPOINTREQUEST']._serialized_start=2213
+  _globals['_CHECKPOINTREQUEST']._serialized_end=2248
+  _globals['_CHECKPOINTPIECE']._serialized_start=2250
+  _globals['_CHECKPOINTPIECE']._serialized_end=2364
+  _globals['_COORDINATOR']._serialized_start=2430
+  _globals['_COORDINATOR']._serialized_end=2939
+  _globals['_SHARD']._serialized_start=2941
+  _globals['_SHARD']._serialized_end=3018
 # @@protoc_insertion_point(module_scope)

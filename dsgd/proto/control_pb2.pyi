@@ -70,20 +70,22 @@ class RegisterShardRequest(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class RegisterShardReply(_message.Message):
-    __slots__ = ("num_shards", "start", "stop", "layout_fingerprint", "config_json", "send_initial")
+    __slots__ = ("num_shards", "start", "stop", "layout_fingerprint", "config_json", "send_initial", "version")
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SEND_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     num_shards: int
     start: int
     stop: int
     layout_fingerprint: int
     config_json: str
     send_initial: bool
-    def __init__(self, num_shards: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ...) -> None: ...
+    version: int
+    def __init__(self, num_shards: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class FetchInitialShardRequest(_message.Message):
     __slots__ = ("shard_id", "layout_fingerprint")
@@ -106,18 +108,20 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "layout_fingerprint", "model", "host", "protocol_version")
+    __slots__ = ("worker_id", "layout_fingerprint", "model", "host", "protocol_version", "incarnation")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     layout_fingerprint: int
     model: str
     host: str
     protocol_version: int
-    def __init__(self, worker_id: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, worker_id: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., protocol_version: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerReply(_message.Message):
     __slots__ = ("ready", "waiting_for", "worker_id", "partition", "num_partitions", "shards", "config_json")
@@ -247,3 +251,25 @@ class ShutdownRequest(_message.Message):
 class ShutdownReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class CheckpointPiece(_message.Message):
+    __slots__ = ("file", "offset", "data", "last", "sha256", "manifest_json")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    offset: int
+    data: bytes
+    last: bool
+    sha256: str
+    manifest_json: str
+    def __init__(self, file: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., sha256: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=dsgd_dot_proto_dot_control__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=dsgd_dot_proto_dot_control__pb2.ShutdownReply.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.unary_stream(
+                '/dsgd.v1.Coordinator/SaveCheckpoint',
+                request_serializer=dsgd_dot_proto_dot_control__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=dsgd_dot_proto_dot_control__pb2.CheckpointPiece.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +110,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveCheckpoint(self, request, context):
+        """A consistent-per-shard checkpoint of the whole cluster, streamed in pieces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +149,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=dsgd_dot_proto_dot_control__pb2.ShutdownRequest.FromString,
                     response_serializer=dsgd_dot_proto_dot_control__pb2.ShutdownReply.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=dsgd_dot_proto_dot_control__pb2.CheckpointRequest.FromString,
+                    response_serializer=dsgd_dot_proto_dot_control__pb2.CheckpointPiece.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +318,109 @@ class Coordinator:
             '/dsgd.v1.Coordinator/Shutdown',
             dsgd_dot_proto_dot_control__pb2.ShutdownRequest.SerializeToString,
             dsgd_dot_proto_dot_control__pb2.ShutdownReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dsgd.v1.Coordinator/SaveCheckpoint',
+            dsgd_dot_proto_dot_control__pb2.CheckpointRequest.SerializeToString,
+            dsgd_dot_proto_dot_control__pb2.CheckpointPiece.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ShardStub:
+    """Served by each shard on its control port.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Checkpoint = channel.unary_stream(
+                '/dsgd.v1.Shard/Checkpoint',
+                request_serializer=dsgd_dot_proto_dot_control__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=dsgd_dot_proto_dot_control__pb2.CheckpointPiece.FromString,
+                _registered_method=True)
+
+
+class ShardServicer:
+    """Served by each shard on its control port.
+    """
+
+    def Checkpoint(self, request, context):
+        """Snapshot now, write the checkpoint file, and stream it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShardServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Checkpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=dsgd_dot_proto_dot_control__pb2.CheckpointRequest.FromString,
+                    response_serializer=dsgd_dot_proto_dot_control__pb2.CheckpointPiece.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dsgd.v1.Shard', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dsgd.v1.Shard', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Shard:
+    """Served by each shard on its control port.
+    """
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dsgd.v1.Shard/Checkpoint',
+            dsgd_dot_proto_dot_control__pb2.CheckpointRequest.SerializeToString,
+            dsgd_dot_proto_dot_control__pb2.CheckpointPiece.FromString,
             options,
             channel_credentials,
             insecure,
