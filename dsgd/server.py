@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sys
 import tempfile
@@ -239,17 +240,26 @@ class ShardProcess:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    async def save(self, reason: str, directory: Path | None = None) -> checkpoint.WriteResult:
-        """Snapshot on the loop, write in a thread; serialised so saves never interleave."""
+    async def save(
+        self, reason: str, directory: Path | None = None, *, read_back: bool = False
+    ) -> tuple[checkpoint.WriteResult, list[bytes]]:
+        """Snapshot on the loop, write in a thread; serialised so saves never interleave.
+
+        With ``read_back``, also return the file's bytes in streaming pieces, read before
+        any later save could prune the file.
+        """
         target = directory or self.checkpoint_dir
         assert target is not None
         async with self._save_lock:
             snap = self.server.snapshot({"reason": reason, "config": self.config.to_json()})
             result = await checkpoint.save_async(snap, target, keep=self.config.checkpoint_keep)
+            pieces: list[bytes] = []
+            if read_back:
+                pieces = await asyncio.to_thread(lambda: list(checkpoint.stream_file(result.path)))
         if target == self.checkpoint_dir:
             self.saved_version = snap.version
         log.info("shard %d: checkpoint v%d (%s)", self.shard_id, snap.version, reason)
-        return result
+        return result, pieces
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -303,9 +313,13 @@ class ShardControl(pb_grpc.ShardServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "shard has no parameters yet")
         with tempfile.TemporaryDirectory(prefix="dsgd-ckpt-") as tmp:
             directory = self.p.checkpoint_dir or Path(tmp)
-            result = await self.p.save(request.reason or "on demand", directory)
+            result, pieces = await self.p.save(
+                request.reason or "on demand", directory, read_back=True
+            )
+            whole = hashlib.sha256()
+            for data in pieces:
+                whole.update(data)
             offset = 0
-            pieces = await asyncio.to_thread(lambda: list(checkpoint.stream_file(result.path)))
             for i, data in enumerate(pieces):
                 last = i == len(pieces) - 1
                 yield pb.CheckpointPiece(
@@ -313,7 +327,7 @@ class ShardControl(pb_grpc.ShardServicer):
                     offset=offset,
                     data=data,
                     last=last,
-                    sha256=result.sha256 if last else "",
+                    sha256=whole.hexdigest() if last else "",
                 )
                 offset += len(data)
 
