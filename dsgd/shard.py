@@ -31,6 +31,7 @@ import zmq
 import zmq.asyncio
 
 from dsgd import checkpoint, wire
+from dsgd.changes import ChangeTracker
 from dsgd.checkpoint import Checkpoint
 from dsgd.config import parse_staleness
 from dsgd.errors import Closed, ProtocolError
@@ -40,7 +41,6 @@ from dsgd.types import FlatParams, ShardRange
 
 log = logging.getLogger("dsgd.shard")
 
-BLOCK = 256  # elements per version stamp used to answer "what changed since v"
 DEDUP_WINDOW = 4096  # push sequences per worker remembered for at-most-once apply
 MAX_WORKER_BOOKS = 4096  # (worker, incarnation) pairs remembered
 BROADCAST_INTERVAL = 0.005  # seconds between version broadcasts while versions change
@@ -108,7 +108,7 @@ class ShardServer:
         self._pub: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._block_version = np.zeros(-(-self.state.params.size // BLOCK), np.int64)
+        self.changes = ChangeTracker(self.state.params.size)
         # at-most-once books per (worker id, worker incarnation): a restarted worker
         # starts its sequence numbers again without being mistaken for a replay
         self._workers: OrderedDict[tuple[int, int], _WorkerBook] = OrderedDict()
@@ -143,7 +143,7 @@ class ShardServer:
         self.state = state
         self.staleness_policy, self.staleness_bound = parse_staleness(staleness)
         self.chunk_bytes = chunk_bytes
-        self._block_version = np.full(-(-state.params.size // BLOCK), state.version, np.int64)
+        self.changes = ChangeTracker(state.params.size, state.version)
         self._workers.clear()
         self.shard_range = shard_range or ShardRange(0, state.params.size)
         self.num_shards = num_shards
@@ -338,12 +338,10 @@ class ShardServer:
             self.optimizer.apply_dense(
                 state.params, state.opt_state, header.offset, values32, lr_scale
             )
-            if header.count:
-                first, last = header.offset // BLOCK, (header.offset + header.count - 1) // BLOCK
-                self._block_version[first : last + 1] = state.version
+            self.changes.mark_range(header.offset, header.count, state.version)
         else:
             self.optimizer.apply_sparse(state.params, state.opt_state, indices, values32, lr_scale)
-            self._block_version[indices // BLOCK] = state.version
+            self.changes.mark(indices, state.version)
         book.chunks_applied += 1
         self.counters["updates_applied"] += 1
         self.counters["values_applied"] += header.count
@@ -375,9 +373,8 @@ class ShardServer:
         since = request.base_version
         messages: list[list[Any]]
         if since >= 0:
-            changed = np.flatnonzero(self._block_version > since)
-            if changed.size <= SPARSE_PULL_MAX_FRACTION * self._block_version.size:
-                indices = _block_elements(changed, params.size)
+            indices = self.changes.changed_since(since, SPARSE_PULL_MAX_FRACTION)
+            if indices is not None:
                 messages = list(
                     wire.sparse_chunks(template, indices, params[indices], self.chunk_bytes)
                 )
@@ -461,6 +458,9 @@ class ShardServer:
         out["staleness_p99"] = merged.percentile(99)
         out["staleness_max"] = float(merged.maximum)
         out["size"] = float(self.state.params.size)
+        for worker, histogram in self.worker_staleness().items():
+            out[f"staleness_p50_worker{worker}"] = histogram.percentile(50)
+            out[f"staleness_p99_worker{worker}"] = histogram.percentile(99)
         return out
 
     def worker_staleness(self) -> dict[int, StalenessHistogram]:
@@ -469,14 +469,6 @@ class ShardServer:
         for (worker, _), book in self._workers.items():
             out.setdefault(worker, StalenessHistogram()).merge(book.staleness)
         return out
-
-
-def _block_elements(blocks: np.ndarray, size: int) -> np.ndarray:
-    """All element indices of the given blocks, ascending, clipped to ``size``."""
-    if blocks.size == 0:
-        return np.zeros(0, wire.INDEX_DTYPE)
-    idx = (blocks[:, None] * BLOCK + np.arange(BLOCK)[None, :]).ravel()
-    return idx[idx < size].astype(wire.INDEX_DTYPE)
 
 
 def _bind(sock: zmq.asyncio.Socket, host: str, port: int, what: str) -> int:

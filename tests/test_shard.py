@@ -13,7 +13,7 @@ import zmq.asyncio
 
 from dsgd import wire
 from dsgd.client import ShardClient
-from dsgd.shard import BLOCK, ShardServer
+from dsgd.shard import ShardServer
 from tests.conftest import FINGERPRINT, make_shard
 
 
@@ -138,18 +138,26 @@ async def test_sparse_push_rejects_out_of_range_and_unsorted_indices(harness: Ha
     np.testing.assert_array_equal(harness.server.state.params, before)
 
 
-async def test_sparse_pull_sends_only_changed_blocks_and_reconstructs_exactly(
-    harness: Harness,
-) -> None:
+async def test_sparse_pull_returns_exactly_the_changed_parameters(harness: Harness) -> None:
     size = harness.server.state.params.size
     mine = await harness.fetch()
+    before = mine.copy()
     idx = np.array([3, 700, 701, size - 1], np.uint32)
     (frames,) = wire.sparse_chunks(harness.header(1), idx, np.ones(4, np.float32))
     await harness.send_raw([bytes(f) for f in frames])
-    _, nbytes = await harness.client.fetch(mine, since=0)
+    sent: list[np.ndarray] = []
+    original = harness.client._on_params
+
+    def spy(header: wire.Header, arrays: list[np.ndarray], nbytes: int) -> None:
+        sent.append(arrays[0].copy())
+        original(header, arrays, nbytes)
+
+    harness.client._on_params = spy  # type: ignore[method-assign]
+    version, _ = await harness.client.fetch(mine, since=0)
     np.testing.assert_array_equal(mine, harness.server.state.params)
-    changed_blocks = len({int(i) // BLOCK for i in idx})
-    assert nbytes < changed_blocks * BLOCK * 8 + 1024  # far less than the 40 KB range
+    assert version == 1
+    np.testing.assert_array_equal(np.concatenate(sent), idx)  # the indices sent
+    np.testing.assert_array_equal(np.flatnonzero(mine != before), idx)
     assert harness.server.counters["fetches_sparse"] == 1
 
 
