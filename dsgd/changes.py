@@ -3,8 +3,9 @@
 A shard stamps every parameter it updates with the version of the push that did it,
 and every block of ``BLOCK`` parameters with the newest stamp inside it. "What changed
 since v" first scans the block stamps (1/256 of the range), then the element stamps
-of the changed blocks only, so its cost follows the number of changed blocks, and the
-answer is exactly the parameters that changed: nothing unchanged is resent.
+of the changed blocks only (or all element stamps when most blocks changed), so its
+cost follows the number of changed blocks, and the answer is exactly the parameters
+that changed: nothing unchanged is resent.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ class ChangeTracker:
         if version >= MAX_STAMP:
             return None
         blocks = np.flatnonzero(self.blocks > version)
-        if blocks.size > max_fraction * self.blocks.size + 1:
-            return None
         if blocks.size == 0:
             return np.zeros(0, INDEX_DTYPE)
-        candidates = (blocks[:, None] * BLOCK + np.arange(BLOCK)[None, :]).ravel()
-        candidates = candidates[candidates < self.size]
-        changed = candidates[self.elements[candidates] > version]
+        if blocks.size > self.blocks.size // 4:  # scattered changes: one pass over all stamps
+            changed = np.flatnonzero(self.elements > version)
+        else:
+            candidates = (blocks[:, None] * BLOCK + np.arange(BLOCK)[None, :]).ravel()
+            candidates = candidates[candidates < self.size]
+            changed = candidates[self.elements[candidates] > version]
         if changed.size > max_fraction * self.size:
             return None
         return changed.astype(INDEX_DTYPE)

@@ -452,6 +452,7 @@ class Coordinator:
             waiting_for=self.waiting_for(),
             target_accuracy=self.config.target_accuracy,
             config_json=self.config.to_json(),
+            shards=self.shard_endpoints(),
         )
 
 

@@ -53,6 +53,13 @@ def test_too_many_changes_ask_for_the_whole_range() -> None:
     assert tracker.changed_since(1) is not None and tracker.changed_since(1).size == 0
 
 
+def test_a_few_changes_scattered_over_every_block_stay_sparse() -> None:
+    tracker = ChangeTracker(100 * BLOCK)
+    idx = np.arange(0, 100 * BLOCK, BLOCK + 1, dtype=np.uint32)  # one per block
+    tracker.mark(idx, 1)
+    np.testing.assert_array_equal(tracker.changed_since(0), idx)
+
+
 def test_a_restored_range_starts_at_its_version() -> None:
     tracker = ChangeTracker(1000, version=40)
     assert tracker.changed_since(39) is None  # everything is newer than 39
