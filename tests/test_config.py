@@ -76,6 +76,10 @@ INVALID = [
     ("value_dtype", "fp16", "--value-dtype"),
     ("staleness", "drop", "--staleness"),
     ("staleness", "sometimes", "--staleness"),
+    ("density_warmup", -1, "--density-warmup"),
+    ("checkpoint_every", 0.0, "--checkpoint-every"),
+    ("checkpoint_every", math.nan, "--checkpoint-every"),
+    ("checkpoint_keep", 0, "--checkpoint-keep"),
 ]
 
 

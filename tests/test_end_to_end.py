@@ -224,7 +224,7 @@ def test_status_command_prints_the_cluster_table(processes: ProcessGroup) -> Non
         )
         assert proc.returncode == 0, proc.stderr
         status = json.loads(proc.stdout)
-        if status.get("members"):
+        if status.get("members") and "shard 1" in status.get("waiting_for", ""):
             break
         time.sleep(0.2)
     assert status["members"][0]["role"] == "ROLE_SHARD"

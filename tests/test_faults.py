@@ -248,7 +248,9 @@ def test_checkpoint_save_and_restore_resume_where_the_run_was(
     assert int(first["total_version"]) == sum(ckpt.manifest.versions)
 
 
-def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+async def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path,
+) -> None:
     def save(version: int) -> Path:
         snap = checkpoint.snapshot(
             shard_id=0,
@@ -272,6 +274,8 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: 
     try:
         process.restore_local()
     finally:
+        await process.server.aclose()
+        await process.link.aclose()
         process.ctx.term()
     assert process.restored is not None and process.restored.version == 5
     np.testing.assert_array_equal(process.restored.params, np.full(8, 5, np.float32))

@@ -89,10 +89,15 @@ def test_coordinator_service_methods() -> None:
         "Heartbeat",
         "Status",
         "Shutdown",
+        "SaveCheckpoint",
     }
     # checkpoint and initial-value bytes stream in chunks, never as one huge message
     assert methods["FetchInitialShard"].server_streaming
     assert methods["FetchInitialShard"].output_type.name == "TensorChunk"
+    assert methods["SaveCheckpoint"].server_streaming
+    shard = control_pb2.DESCRIPTOR.services_by_name["Shard"]
+    assert [m.name for m in shard.methods] == ["Checkpoint"]
+    assert shard.methods[0].server_streaming
     assert not any(m.client_streaming for m in service.methods)
     with grpc.insecure_channel("127.0.0.1:1") as channel:  # never connects: no RPC is made
         stub = control_pb2_grpc.CoordinatorStub(channel)
