@@ -159,21 +159,25 @@ class CompiledModel:
         self.spec = spec
         self.layout = Layout.from_pytree(spec.init_params, num_shards)
         layout = self.layout
-        if spec.grad is not None:
-            value_and_grad = spec.grad
+        user_grad = spec.grad
+        loss_fn = spec.loss
+
+        if user_grad is not None:
+
+            def flat_grad(flat: Array, x: Array, y: Array) -> tuple[Array, Array]:
+                loss, grads = user_grad(layout.unflatten(flat), (x, y))
+                leaves = jax.tree_util.tree_leaves(grads)
+                return loss, jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in leaves])
+
         else:
-            loss_fn = spec.loss
             assert loss_fn is not None
 
-            def objective(params: PyTree, batch: tuple[Array, Array]) -> Array:
-                return loss_fn(spec.apply(params, batch[0]), batch[1])
+            def objective(flat: Array, x: Array, y: Array) -> Array:
+                return loss_fn(spec.apply(layout.unflatten(flat), x), y)
 
-            value_and_grad = jax.value_and_grad(objective)
-
-        def flat_grad(flat: Array, x: Array, y: Array) -> tuple[Array, Array]:
-            loss, grads = value_and_grad(layout.unflatten(flat), (x, y))
-            leaves = jax.tree_util.tree_leaves(grads)
-            return loss, jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in leaves])
+            # differentiating with respect to the flat vector itself writes the gradient
+            # straight into one buffer instead of concatenating per-leaf gradients
+            flat_grad = jax.value_and_grad(objective)
 
         def outputs(flat: Array, x: Array) -> Array:
             return spec.apply(layout.unflatten(flat), x)
