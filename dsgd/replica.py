@@ -1,0 +1,392 @@
+"""A model replica: the DistBelief Downpour loop.
+
+Every ``n_fetch`` steps the worker refreshes its parameters from the shards (only
+the shards whose broadcast version moved, and only what changed); every step it
+computes a gradient with the ``jax.jit``-compiled step (in a thread, off the event
+loop), takes a local SGD step and accumulates into one sparse encoder per shard;
+every ``n_push`` steps it encodes what each encoder holds (the largest entries, or
+all of them at density 1) and pushes it in chunks. Pushes are not awaited: they stream
+out and are acknowledged while the next gradient is being computed, with at most
+``max_inflight`` unacknowledged pushes per shard. What a shard never acknowledges
+goes back into the encoder's residual and is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import zmq.asyncio
+
+from dsgd import wire
+from dsgd.client import LOST, ShardClient
+from dsgd.codec import CodecConfig, Encoded, SparseEncoder
+from dsgd.config import TrainConfig
+from dsgd.errors import Closed, LayoutMismatch, PeerLost, ProtocolError
+from dsgd.model import CompiledModel, batches
+from dsgd.stats import RateMeter
+from dsgd.types import FlatParams, ShardInfo
+
+log = logging.getLogger("dsgd.worker")
+
+DRAIN_TIMEOUT = 10.0  # seconds to wait for acknowledgements when the run ends
+SHARD_SILENT = 2.0  # seconds without a word from a shard before pushes to it are held
+PERMIT_TIMEOUT = 5.0  # seconds to wait for a push permit before holding the push
+COUNTERS = (
+    "pushes",
+    "bytes_pushed",
+    "bytes_pushed_dense_equivalent",
+    "values_pushed",
+    "bytes_fetched",
+    "bytes_fetched_dense_equivalent",
+    "fetches",
+    "fetches_skipped",
+    "fetches_failed",
+    "fetches_unavailable",
+    "pushes_deferred",
+    "values_given_back",
+    "chunks_rejected",
+    "nonfinite_updates",
+)
+
+
+def worker_batches(
+    compiled: CompiledModel, config: TrainConfig, partition: int, num_partitions: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The batch stream of one data partition (deterministic in the seed and the partition)."""
+    x, y = compiled.spec.dataset.partition(partition, num_partitions)
+    batch_size = config.batch_size or compiled.spec.batch_size
+    return batches(x, y, batch_size, seed=config.seed * 1_000_003 + partition)
+
+
+class Worker:
+    """One replica's training loop against a set of shards."""
+
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        config: TrainConfig,
+        worker_id: int,
+        partition: int,
+        num_partitions: int,
+        shards: Sequence[ShardInfo],
+        context: zmq.asyncio.Context,
+        incarnation: int = 0,
+    ) -> None:
+        self.compiled = compiled
+        self.config = config
+        self.worker_id = worker_id
+        self.partition = partition
+        self.num_partitions = num_partitions
+        self.incarnation = incarnation or secrets.randbits(62) + 1
+        self.shards = sorted(shards, key=lambda s: s.shard_id)
+        expected = [(r.start, r.stop) for r in compiled.layout.ranges]
+        announced = [(s.start, s.stop) for s in self.shards]
+        if announced != expected:
+            raise LayoutMismatch(
+                f"the coordinator announced shard ranges {announced}, this model's layout "
+                f"needs {expected}; are worker and coordinator running the same model?"
+            )
+        self._ctx = context
+        self.clients: list[ShardClient] = []
+        size = compiled.layout.size
+        self.server_params: FlatParams = np.empty(size, np.float32)  # as last fetched
+        self.params: FlatParams = np.empty(size, np.float32)  # with local steps applied
+        n = len(self.shards)
+        self.held_versions = [-1] * n  # per shard: the version server_params hold
+        self.held_incarnations = [0] * n  # ... of which shard incarnation
+        # our own push moves a shard's version before its broadcast says so
+        self._pushed_since_fetch = [False] * n
+        # what each push has not yet acknowledged, per (seq, shard): resent if lost
+        self._inflight: dict[tuple[int, int], tuple[Encoded, list[tuple[int, int]]]] = {}
+        self.encoders = [
+            SparseEncoder(
+                s.stop - s.start,
+                CodecConfig(
+                    density=config.density,
+                    value_dtype=config.value_dtype,
+                    warmup_pushes=config.density_warmup,
+                    seed=config.seed * 7919 + worker_id * 131 + s.shard_id,
+                ),
+            )
+            for s in self.shards
+        ]
+        self._unavailable: set[int] = set()  # shards we are not pushing to right now
+        self.step = 0
+        self.seq = 0
+        self.loss = float("nan")
+        self.rate = RateMeter()
+        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.clients = [self._client(shard) for shard in self.shards]
+        for client in self.clients:
+            await client.start()
+
+    def _client(self, shard: ShardInfo) -> ShardClient:
+        return ShardClient(
+            shard.shard_id,
+            shard.data_address,
+            shard.pub_address,
+            self.compiled.layout.fingerprint,
+            self.worker_id,
+            self._ctx,
+            max_inflight=self.config.max_inflight,
+            incarnation=self.incarnation,
+        )
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+        self.clients = []
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def update_endpoints(self, shards: Sequence[ShardInfo]) -> None:
+        """Follow shards that moved (a restarted shard binds new ports): reconnect."""
+        for info in shards:
+            k = next((i for i, s in enumerate(self.shards) if s.shard_id == info.shard_id), None)
+            if k is None or (info.start, info.stop) != (self.shards[k].start, self.shards[k].stop):
+                continue
+            current = self.shards[k]
+            if (info.data_address, info.pub_address) == (
+                current.data_address,
+                current.pub_address,
+            ):
+                continue
+            log.info(
+                "worker %d: shard %d moved to %s; reconnecting",
+                self.worker_id,
+                info.shard_id,
+                info.data_address,
+            )
+            old = self.clients[k]
+            self.shards[k] = info
+            self.clients[k] = self._client(info)
+            await self.clients[k].start()
+            self.held_versions[k] = -1
+            await old.aclose()  # its unacknowledged pushes come back as lost: resent later
+
+    # -- the Downpour loop -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Train until ``stop`` is set or ``max_steps`` is reached, then drain pushes."""
+        config = self.config
+        await self._first_fetch(stop)
+        stream = worker_batches(self.compiled, config, self.partition, self.num_partitions)
+        local_lr = np.float32(config.worker_lr)
+        log.info(
+            "worker %d training on partition %d/%d",
+            self.worker_id,
+            self.partition,
+            self.num_partitions,
+        )
+        while not stop.is_set() and not (config.max_steps and self.step >= config.max_steps):
+            if self.step and self.step % config.n_fetch == 0:
+                await self.fetch()
+            x, y = next(stream)
+            loss, grad = await asyncio.to_thread(self.compiled.gradient, self.params, x, y)
+            for encoder, shard in zip(self.encoders, self.shards, strict=True):
+                encoder.accumulate(grad[shard.start : shard.stop])
+            if local_lr:
+                self.params -= local_lr * grad
+            self.step += 1
+            self.rate.add()
+            self.loss = loss if np.isnan(self.loss) else 0.95 * self.loss + 0.05 * loss
+            if self.step % config.n_push == 0:
+                await self.push()
+        if self.step % config.n_push:
+            await self.push()
+        await self.drain()
+
+    async def _first_fetch(self, stop: asyncio.Event) -> None:
+        waited_since = time.monotonic()
+        while self.fetch_missing() and not stop.is_set():
+            await self.fetch()
+            if self.fetch_missing():
+                missing = ", ".join(str(self.shards[k].shard_id) for k in self.fetch_missing())
+                log.warning(
+                    "worker %d waiting for shard(s) %s since %.0f s",
+                    self.worker_id,
+                    missing,
+                    time.monotonic() - waited_since,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    def fetch_missing(self) -> list[int]:
+        return [k for k, v in enumerate(self.held_versions) if v < 0]
+
+    async def drain(self) -> None:
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                for client in self.clients:
+                    await client.drain()
+        except TimeoutError:
+            log.warning(
+                "worker %d: %d pushes still unacknowledged after %.0f s at shutdown",
+                self.worker_id,
+                len(self._inflight),
+                DRAIN_TIMEOUT,
+            )
+
+    # -- fetch -------------------------------------------------------------------------------
+
+    async def fetch(self) -> bool:
+        """Refresh the parameters from every shard whose version moved; True if any did.
+
+        A shard that does not answer keeps its last parameters; the worker goes on.
+        """
+        changed = False
+        for k, (client, shard) in enumerate(zip(self.clients, self.shards, strict=True)):
+            self.counters["bytes_fetched_dense_equivalent"] += 4 * (shard.stop - shard.start)
+            held = self.held_versions[k]
+            same_shard = client.incarnation == self.held_incarnations[k]
+            if held >= 0 and same_shard and not self._pushed_since_fetch[k]:
+                if client.broadcast_version == held:
+                    self.counters["fetches_skipped"] += 1
+                    continue
+            if held >= 0 and client.silent_for() > SHARD_SILENT:
+                self.counters["fetches_unavailable"] += 1
+                continue
+            dest = self.server_params[shard.start : shard.stop]
+            try:
+                version, nbytes = await client.fetch(dest, since=held if same_shard else -1)
+            except (PeerLost, ProtocolError, Closed) as exc:  # Closed: the shard moved
+                self.counters["fetches_failed"] += 1
+                log.warning("worker %d: fetch from shard %d failed: %s", self.worker_id, k, exc)
+                continue
+            self.held_versions[k] = version
+            self.held_incarnations[k] = client.incarnation
+            self._pushed_since_fetch[k] = False
+            self.counters["fetches"] += 1
+            self.counters["bytes_fetched"] += nbytes
+            changed = True
+        if changed:
+            np.copyto(self.params, self.server_params)
+        return changed
+
+    # -- push --------------------------------------------------------------------------------
+
+    async def push(self) -> None:
+        """Encode what each shard's encoder accumulated (sparse when ``density`` < 1) and send it.
+
+        A shard that is silent, or still holding ``max_inflight`` unacknowledged pushes,
+        is skipped: its share stays in the encoder's residual for a later push.
+        """
+        self.seq += 1
+        seq = self.seq
+        for k, (client, shard) in enumerate(zip(self.clients, self.shards, strict=True)):
+            if client.silent_for() > SHARD_SILENT:
+                self._mark_unavailable(k, f"silent for {client.silent_for():.0f} s")
+                continue
+            try:
+                encoded = self.encoders[k].encode()
+            except FloatingPointError as exc:
+                self.counters["nonfinite_updates"] += 1
+                log.warning("worker %d: push to shard %d skipped: %s", self.worker_id, k, exc)
+                continue
+            template = wire.Header(
+                kind=wire.PUSH,
+                fingerprint=self.compiled.layout.fingerprint,
+                shard=shard.shard_id,
+                worker=self.worker_id,
+                seq=seq,
+                base_version=max(self.held_versions[k], 0),
+                incarnation=self.incarnation,
+            )
+            chunk = self.config.chunk_bytes
+            if encoded.indices is None:
+                messages = list(wire.dense_chunks(template, encoded.values, chunk))
+            else:
+                messages = list(
+                    wire.sparse_chunks(template, encoded.indices, encoded.values, chunk)
+                )
+            bounds = _chunk_slices(messages)
+            self._inflight[(seq, k)] = (encoded, bounds)
+            before = client.bytes_pushed
+            try:
+                sent = await client.push(seq, messages, self._acked(k), PERMIT_TIMEOUT)
+            except Closed:  # the shard moved while we waited for a permit
+                sent = False
+            if not sent:
+                del self._inflight[(seq, k)]
+                self._give_back(k, encoded, bounds)
+                self._mark_unavailable(k, f"{client.inflight} pushes unacknowledged")
+                continue
+            self._unavailable.discard(k)
+            self._pushed_since_fetch[k] = True
+            self.counters["bytes_pushed"] += client.bytes_pushed - before
+            self.counters["bytes_pushed_dense_equivalent"] += 4 * (shard.stop - shard.start)
+            self.counters["values_pushed"] += encoded.values.size
+        self.counters["pushes"] += 1
+
+    def _acked(self, k: int) -> Callable[[int, list[str]], None]:
+        def on_done(seq: int, statuses: list[str]) -> None:
+            encoded, bounds = self._inflight.pop((seq, k))
+            lost = [bounds[i] for i, status in enumerate(statuses) if status == LOST]
+            self._give_back(k, encoded, lost)
+            rejected = [s for s in statuses if s.startswith("rejected")]
+            if rejected:
+                self.counters["chunks_rejected"] += len(rejected)
+                log.warning(
+                    "worker %d: push %d to shard %d: %s", self.worker_id, seq, k, rejected[0]
+                )
+
+        return on_done
+
+    def _give_back(self, k: int, encoded: Encoded, chunks: list[tuple[int, int]]) -> None:
+        """Return never-applied chunks to shard k's residual, so a later push resends them.
+
+        ``chunks`` are ``(start, count)`` slices of the encoded arrays.
+        """
+        encoder = self.encoders[k]
+        for start, count in chunks:
+            values = encoded.values[start : start + count]
+            if encoded.indices is None:
+                encoder.give_back_dense(values, start)
+            else:
+                encoder.give_back(encoded.indices[start : start + count], values)
+            self.counters["values_given_back"] += count
+
+    def _mark_unavailable(self, k: int, why: str) -> None:
+        self.counters["pushes_deferred"] += 1
+        if k not in self._unavailable:
+            self._unavailable.add(k)
+            log.warning(
+                "worker %d: holding updates for shard %d (%s); they stay in the residual",
+                self.worker_id,
+                self.shards[k].shard_id,
+                why,
+            )
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "version": int(sum(max(v, 0) for v in self.held_versions)),
+            "step": self.step,
+            "rate": self.rate.rate(),
+            "loss": 0.0 if np.isnan(self.loss) else float(self.loss),
+            "counters": {k: float(v) for k, v in self.counters.items()},
+        }
+
+
+def _chunk_slices(messages: list[list[Any]]) -> list[tuple[int, int]]:
+    """``(start, count)`` of each chunk message within the encoded arrays it was cut from."""
+    counts = [wire.unpack_header(frames[0]).count for frames in messages]
+    starts = np.cumsum([0, *counts[:-1]])
+    return [(int(a), c) for a, c in zip(starts, counts, strict=True)]
