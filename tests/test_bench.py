@@ -1,0 +1,132 @@
+"""The transport benchmark: ``--quick`` runs end to end and writes results worth reading."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import _report
+from bench._measure import REQUIRED_FIELDS, make_record
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMERIC_FIELDS = ("payload_bytes", "chunk_bytes", "gbps_median", "gbps_min", "gbps_max")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"JSON holds {name}, which is not JSON")
+
+
+def check_record(record: dict[str, Any]) -> None:
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    assert not missing, f"{record} lacks {missing}"
+    for key in ("suite", "transport", "variant"):
+        assert isinstance(record[key], str) and record[key], record
+    for key in (*NUMERIC_FIELDS, "ratio_to_tcp"):
+        value = record[key]
+        assert isinstance(value, int | float) and not isinstance(value, bool), (key, record)
+        assert math.isfinite(value) and value > 0, (key, record)
+    assert record["gbps_min"] <= record["gbps_median"] <= record["gbps_max"], record
+    assert record["chunk_bytes"] <= record["payload_bytes"], record
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench") / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "always::ResourceWarning",
+            "-m",
+            "bench.transport",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ResourceWarning" not in proc.stderr, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_run_writes_valid_json(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    doc = json.loads((out / _report.JSON_NAME).read_text(), parse_constant=_no_constants)
+    assert doc["machine"]["cpus"] >= 1 and doc["machine"]["python"]
+    assert {"numpy", "pyzmq", "libzmq", "grpcio", "protobuf", "msgpack"} <= set(doc["packages"])
+    records = doc["records"]
+    assert records
+    for record in records:
+        check_record(record)
+    assert {"ceiling", "zmq", "grpc", "framing"} <= {r["suite"] for r in records}
+    assert {"memcpy", "tcp", "zmq-tcp", "zmq-ipc", "grpc"} <= {r["transport"] for r in records}
+    chunks = {r["chunk_bytes"] for r in records if r["suite"] == "zmq"}
+    assert len(chunks) >= 3  # a sweep, not one point
+    assert doc["best_chunk"]["chunk_bytes"] in chunks
+    assert doc["best_chunk"]["transport"] == "zmq-tcp"
+    assert doc["tcp_ceiling_gbps"] > 0
+
+
+def test_quick_run_writes_markdown_and_chart_and_names_the_best_chunk(
+    quick_run: tuple[Path, str],
+) -> None:
+    out, stdout = quick_run
+    assert (out / _report.CHUNKS_PNG).read_bytes().startswith(PNG_MAGIC)
+    markdown = (out / _report.MARKDOWN_NAME).read_text()
+    assert "## Headline" in markdown and "| zmq-tcp |" in markdown
+    assert "fastest chunk size for ZeroMQ tcp" in stdout
+    assert "DEFAULT_CHUNK_BYTES" in stdout
+    assert not (out / _report.PS_PNG).exists()  # no ps suite yet, so no empty chart
+
+
+def _synthetic_records() -> list[dict[str, Any]]:
+    mib = 1 << 20
+    records = [
+        make_record("ceiling", "tcp", _report.TCP_REUSED_VARIANT, 8 * mib, c, [0.004, 0.005])
+        for c in (mib, 8 * mib)
+    ]
+    records.append(make_record("ceiling", "memcpy", _report.MEMCPY_REUSED, 8 * mib, mib, [0.0005]))
+    records.extend(
+        make_record("ps", "zmq-tcp", "dense push", 8 * mib, mib, [0.01 * n], workers=n)
+        for n in (1, 2, 4)
+    )
+    return records
+
+
+def test_report_draws_ps_throughput_vs_workers_when_a_suite_yields_ps_records(
+    tmp_path: Path,
+) -> None:
+    records = _synthetic_records()
+    _report.fill_ratios(records)
+    doc = {
+        "created_utc": "now",
+        "config": {"payload_bytes": 8 << 20, "warmup": 1, "repeats": 2, "quick": True},
+        "machine": {"machine": "x86_64", "cpus": 2, "python": "3.11"},
+        "packages": {"numpy": "2"},
+        "tcp_ceiling_gbps": _report.tcp_ceiling(records),
+        "tcp_reference_gbps": {},
+        "best_chunk": {},
+        "best_per_transport": _report.best_per_transport(records),
+        "records": records,
+    }
+    written = _report.write_all(doc, tmp_path)
+    assert tmp_path / _report.PS_PNG in written
+    assert (tmp_path / _report.PS_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert "| workers |" in (tmp_path / _report.MARKDOWN_NAME).read_text()
+    for record in records:
+        check_record(record)
+    # without a reference of their own, ratios divide by the best raw-TCP median
+    assert records[-1]["ratio_to_tcp"] == pytest.approx(
+        records[-1]["gbps_median"] / doc["tcp_ceiling_gbps"]
+    )
