@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from google.protobuf import json_format
@@ -112,8 +113,11 @@ def train(
     roles: list[_Role] = []
     addr = address[0]
     try:
-        roles += [_Role(f"dsgd-shard{k}", _bind(run_shard, addr, k)) for k in range(num_shards)]
-        roles += [_Role(f"dsgd-worker{k}", _worker_main(addr, spec, k)) for k in range(num_workers)]
+        roles += [_Role(f"dsgd-shard{k}", partial(run_shard, addr, k)) for k in range(num_shards)]
+        roles += [
+            _Role(f"dsgd-worker{k}", partial(run_worker, addr, spec=spec, worker_id=k))
+            for k in range(num_workers)
+        ]
         for role in roles:
             role.start()
         coordinator.join()
@@ -144,15 +148,3 @@ def train(
         summary=summary,
         status=json_format.MessageToDict(status, preserving_proto_field_name=True),
     )
-
-
-def _bind(
-    fn: Callable[..., Coroutine[Any, Any, Any]], address: str, shard_id: int
-) -> Callable[[asyncio.Event], Coroutine[Any, Any, Any]]:
-    return lambda stop: fn(address, shard_id, stop)
-
-
-def _worker_main(
-    address: str, spec: ModelSpec, worker_id: int
-) -> Callable[[asyncio.Event], Coroutine[Any, Any, Any]]:
-    return lambda stop: run_worker(address, stop, spec=spec, worker_id=worker_id)
