@@ -57,12 +57,19 @@ COUNTERS = (
 
 
 def worker_batches(
-    compiled: CompiledModel, config: TrainConfig, partition: int, num_partitions: int
+    compiled: CompiledModel,
+    config: TrainConfig,
+    partition: int,
+    num_partitions: int,
+    worker_id: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The batch stream of one data partition (deterministic in the seed and the partition)."""
+    """The batch stream of one worker: its data partition, in an order seeded by the run's
+    seed and the worker id (workers that joined beyond the configured count share a
+    partition, not a batch order)."""
     x, y = compiled.spec.dataset.partition(partition, num_partitions)
     batch_size = config.batch_size or compiled.spec.batch_size
-    return batches(x, y, batch_size, seed=config.seed * 1_000_003 + partition)
+    who = partition if worker_id is None else worker_id
+    return batches(x, y, batch_size, seed=config.seed * 1_000_003 + who)
 
 
 class Worker:
@@ -186,7 +193,9 @@ class Worker:
         """Train until ``stop`` is set or ``max_steps`` is reached, then drain pushes."""
         config = self.config
         await self._first_fetch(stop)
-        stream = worker_batches(self.compiled, config, self.partition, self.num_partitions)
+        stream = worker_batches(
+            self.compiled, config, self.partition, self.num_partitions, self.worker_id
+        )
         local_lr = np.float32(config.worker_lr)
         log.info(
             "worker %d training on partition %d/%d",

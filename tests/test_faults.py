@@ -279,3 +279,41 @@ async def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(
         process.ctx.term()
     assert process.restored is not None and process.restored.version == 5
     np.testing.assert_array_equal(process.restored.params, np.full(8, 5, np.float32))
+
+
+def test_a_worker_joins_a_running_cluster_and_leaves_it(processes: ProcessGroup) -> None:
+    flags = ["--model", "dsgd.examples.digits:digits_mlp", "--target-accuracy", "1.0"]
+    _, address = processes.start_coordinator(*flags, "--workers", "1", "--shards", "1")
+    processes.start("shard0", "dsgd.server", "--coordinator", address, "--shard-id", "0")
+    first_ready = processes.tmp / "first.ready"
+    first = processes.start(
+        "first", "dsgd.worker", "--coordinator", address, "--ready-file", str(first_ready)
+    )
+    assert processes.wait_file(first_ready, first)["worker_id"] == 0
+    joiner_ready = processes.tmp / "joiner.ready"
+    joiner = processes.start(
+        "joiner", "dsgd.worker", "--coordinator", address, "--ready-file", str(joiner_ready)
+    )
+    assert processes.wait_file(joiner_ready, joiner)["worker_id"] == 1  # beyond the 1 slot
+
+    def workers() -> dict[int, str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dsgd", "status", "--coordinator", address, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        members = json.loads(proc.stdout).get("members", []) if proc.returncode == 0 else []
+        return {m.get("id", 0): m["state"] for m in members if m["role"] == "ROLE_WORKER"}
+
+    deadline = time.monotonic() + 30
+    while workers() != {0: "alive", 1: "alive"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers() == {0: "alive", 1: "alive"}
+    joiner.send_signal(signal.SIGTERM)
+    assert joiner.wait(timeout=30) == 0
+    deadline = time.monotonic() + 30
+    while workers() != {0: "alive", 1: "left"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers() == {0: "alive", 1: "left"}
