@@ -95,6 +95,8 @@ class Adagrad:
 
 
 ServerOptimizerT = SGD | Adagrad
+"""A server optimizer: ``init(size) -> state`` and in-place ``apply_dense``/``apply_sparse``
+on a shard's range, one chunk at a time (shaped like optax's ``init``/``update`` pair)."""
 OPTIMIZERS = ("sgd", "adagrad")
 
 

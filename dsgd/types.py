@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -30,41 +30,6 @@ class ShardRange(NamedTuple):
     @property
     def size(self) -> int:
         return self.stop - self.start
-
-
-class OptimizerState(Protocol):
-    """Marker for an optimizer's state: a NamedTuple of numpy arrays."""
-
-
-class ServerOptimizer(Protocol):
-    """A server-side optimizer: pure ``init`` and in-place ``apply`` in numpy.
-
-    Shaped like optax's ``GradientTransformation`` but working on a shard's flat
-    float32 range, in place, so that applying a 1 MiB chunk never allocates a
-    shard-sized temporary.
-    """
-
-    name: str
-
-    def init(self, size: int) -> dict[str, FlatParams]: ...
-
-    def apply_dense(
-        self,
-        params: FlatParams,
-        state: dict[str, FlatParams],
-        offset: int,
-        grad: FlatParams,
-        lr_scale: float = 1.0,
-    ) -> None: ...
-
-    def apply_sparse(
-        self,
-        params: FlatParams,
-        state: dict[str, FlatParams],
-        indices: Indices,
-        grad: FlatParams,
-        lr_scale: float = 1.0,
-    ) -> None: ...
 
 
 class ShardInfo(NamedTuple):

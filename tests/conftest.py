@@ -65,6 +65,12 @@ def run_dsgd(
     )
 
 
+def cluster_status(address: str) -> dict:
+    """``dsgd status --json`` of the cluster at ``address`` ({} if no coordinator answers)."""
+    proc = run_dsgd("status", "--coordinator", address, "--json", timeout=60)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
 class ProcessGroup:
     """Processes started by a test; every one is stopped (and reaped) at teardown."""
 

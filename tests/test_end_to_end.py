@@ -18,7 +18,7 @@ from dsgd.config import TrainConfig
 from dsgd.examples.digits import digits_mlp
 from dsgd.model import CompiledModel
 from dsgd.worker import worker_batches
-from tests.conftest import ROOT, ProcessGroup
+from tests.conftest import ROOT, ProcessGroup, cluster_status
 
 MLP = "dsgd.examples.digits:digits_mlp"
 
@@ -215,15 +215,7 @@ def test_status_command_prints_the_cluster_table(processes: ProcessGroup) -> Non
     processes.start("shard0", "dsgd.server", "--coordinator", address, "--shard-id", "0")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dsgd", "status", "--coordinator", address, "--json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert proc.returncode == 0, proc.stderr
-        status = json.loads(proc.stdout)
+        status = cluster_status(address)
         if status.get("members") and "shard 1" in status.get("waiting_for", ""):
             break
         time.sleep(0.2)

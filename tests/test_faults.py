@@ -20,7 +20,7 @@ from dsgd.checkpoint import read_cluster_checkpoint
 from dsgd.examples.digits import digits_cnn
 from dsgd.model import CompiledModel
 from dsgd.server import ShardProcess
-from tests.conftest import ROOT, ProcessGroup
+from tests.conftest import ROOT, ProcessGroup, cluster_status
 
 SLOW_TRAINING = ["--lr", "0.003", "--checkpoint-every", "0.5", "--max-seconds", "240"]
 
@@ -45,14 +45,7 @@ class Cluster:
         return str(json.loads((self.run_dir / "coordinator.ready").read_text())["address"])
 
     def status(self) -> dict[str, Any] | None:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dsgd", "status", "--coordinator", self.address(), "--json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
+        return cluster_status(self.address()) or None
 
     def wait_for(self, what: str, predicate: Any, timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -179,14 +172,7 @@ def test_training_goes_on_without_the_coordinator_and_members_rejoin_it(
     deadline = time.monotonic() + 60
     members: list[str] = []
     while time.monotonic() < deadline:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dsgd", "status", "--coordinator", address, "--json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        status = json.loads(proc.stdout) if proc.returncode == 0 else {}
+        status = cluster_status(address)
         members = sorted(
             f"{m['role']}:{m.get('id', 0)}:{m['state']}" for m in status.get("members", [])
         )
@@ -297,14 +283,7 @@ def test_a_worker_joins_a_running_cluster_and_leaves_it(processes: ProcessGroup)
     assert processes.wait_file(joiner_ready, joiner)["worker_id"] == 1  # beyond the 1 slot
 
     def workers() -> dict[int, str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dsgd", "status", "--coordinator", address, "--json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        members = json.loads(proc.stdout).get("members", []) if proc.returncode == 0 else []
+        members = cluster_status(address).get("members", [])
         return {m.get("id", 0): m["state"] for m in members if m["role"] == "ROLE_WORKER"}
 
     deadline = time.monotonic() + 30
