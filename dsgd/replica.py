@@ -217,8 +217,7 @@ class Worker:
             self.loss = loss if np.isnan(self.loss) else 0.95 * self.loss + 0.05 * loss
             if self.step % config.n_push == 0:
                 await self.push()
-        if self.step % config.n_push:
-            await self.push()
+        await self.push(flush=True)  # what the residuals still hold, so nothing is left behind
         await self.drain()
 
     async def _first_fetch(self, stop: asyncio.Event) -> None:
@@ -290,20 +289,24 @@ class Worker:
 
     # -- push --------------------------------------------------------------------------------
 
-    async def push(self) -> None:
+    async def push(self, flush: bool = False) -> None:
         """Encode what each shard's encoder accumulated (sparse when ``density`` < 1) and send it.
 
         A shard that is silent, or still holding ``max_inflight`` unacknowledged pushes,
-        is skipped: its share stays in the encoder's residual for a later push.
+        is skipped: its share stays in the encoder's residual for a later push. ``flush``
+        sends every residual entry (densely), and nothing where the residual is empty.
         """
         self.seq += 1
         seq = self.seq
+        sent_any = False
         for k, (client, shard) in enumerate(zip(self.clients, self.shards, strict=True)):
+            if flush and not self.encoders[k].residual.any():
+                continue
             if client.silent_for() > SHARD_SILENT:
                 self._mark_unavailable(k, f"silent for {client.silent_for():.0f} s")
                 continue
             try:
-                encoded = self.encoders[k].encode()
+                encoded = self.encoders[k].encode(density=1.0 if flush else None)
             except FloatingPointError as exc:
                 self.counters["nonfinite_updates"] += 1
                 log.warning("worker %d: push to shard %d skipped: %s", self.worker_id, k, exc)
@@ -341,7 +344,9 @@ class Worker:
             self.counters["bytes_pushed"] += client.bytes_pushed - before
             self.counters["bytes_pushed_dense_equivalent"] += 4 * (shard.stop - shard.start)
             self.counters["values_pushed"] += encoded.values.size
-        self.counters["pushes"] += 1
+            sent_any = True
+        if sent_any:
+            self.counters["pushes"] += 1
 
     def _acked(self, k: int) -> Callable[[int, list[str]], None]:
         def on_done(seq: int, statuses: list[str]) -> None:
