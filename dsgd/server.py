@@ -56,9 +56,10 @@ class ShardProcess:
         pub_port: int = 0,
         control_port: int = 0,
         checkpoint_dir: Path | None = None,
+        connect_timeout: float = 60.0,
     ) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.link = CoordinatorLink(coordinator)
+        self.link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
         self.server = ShardServer(
             shard_id,
             host=host,
@@ -347,6 +348,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint-dir", type=Path, help="restore from and checkpoint to this directory"
     )
     parser.add_argument("--ready-file", help="write bound addresses here (JSON) once serving")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -365,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             pub_port=args.pub_port,
             control_port=args.control_port,
             checkpoint_dir=args.checkpoint_dir,
+            connect_timeout=args.connect_timeout,
         )
         await process.run(stop, args.ready_file)
         return 0

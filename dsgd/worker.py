@@ -43,13 +43,14 @@ async def run_worker(
     worker_id: int = -1,
     host_label: str = "",
     ready_file: str | None = None,
+    connect_timeout: float = 60.0,
 ) -> dict[str, Any]:
     """Join the cluster at ``coordinator`` as a worker and train until the run ends.
 
     The model is ``spec`` when given (in-process clusters), else ``model``
     (``MOD:ATTR``), else the model the coordinator announces. Returns final stats.
     """
-    link = CoordinatorLink(coordinator)
+    link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
     ctx = zmq.asyncio.Context()
     try:
         status = await link.call(link.stub.Status, pb.StatusRequest(), "reading the cluster layout")
@@ -205,6 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--worker-id", type=int, default=-1, help="slot to take (default: any)")
     parser.add_argument("--ready-file", help="write the assigned worker id here once training")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             worker_id=args.worker_id,
             ready_file=args.ready_file,
+            connect_timeout=args.connect_timeout,
         )
         return 0
 

@@ -229,3 +229,66 @@ def test_status_command_prints_the_cluster_table(processes: ProcessGroup) -> Non
         timeout=30,
     )
     assert table.returncode == 0 and "shard" in table.stdout and "waiting for" in table.stdout
+
+
+def test_unreachable_coordinator_is_one_line_not_a_hang() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsgd.worker", "--coordinator", "127.0.0.1:1"]
+        + ["--model", MLP, "--connect-timeout", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "coordinator at 127.0.0.1:1 unreachable" in last and "is it running" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_coordinator_port_in_use_says_so(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "dsgd.coordinator", "--model", MLP, "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2
+    assert f"127.0.0.1:{port}" in proc.stderr and "choose another port" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_restoring_another_models_checkpoint_is_refused(tmp_path: Path) -> None:
+    from dsgd import checkpoint
+
+    snap = checkpoint.snapshot(
+        shard_id=0,
+        shard_range=(0, 4),
+        num_shards=1,
+        version=3,
+        fingerprint=42,
+        optimizer="adagrad",
+        incarnation=1,
+        params=np.zeros(4, np.float32),
+        opt_state={},
+    )
+    checkpoint.write(snap, tmp_path)
+    checkpoint.write_manifest(tmp_path, model="other:model", fingerprint=42, versions=[3])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsgd.coordinator", "--model", MLP, "--shards", "1"]
+        + ["--restore", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "another model" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
