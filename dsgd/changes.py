@@ -20,18 +20,41 @@ MAX_STAMP = np.iinfo(np.uint32).max
 
 
 class ChangeTracker:
-    """Version stamps for a range of ``size`` parameters (all at ``version`` to start)."""
+    """Version stamps for a range of ``size`` parameters (all at ``version`` to start).
+
+    A parameter's stamp is the newer of its own element stamp and its block's ``whole``
+    stamp: a dense chunk that covers whole blocks stamps only those blocks (one int64 per
+    256 parameters) instead of writing a stamp for every parameter it touched, which on
+    the shard's hot path cost a third as much as applying the chunk.
+    """
 
     def __init__(self, size: int, version: int = 0) -> None:
         self.size = size
-        self.elements = np.full(size, min(version, MAX_STAMP), np.uint32)
-        self.blocks = np.full(-(-size // BLOCK), version, np.int64)
+        nblocks = -(-size // BLOCK)
+        # padded to whole blocks (the padding stays 0 and is never reported)
+        self._stamps = np.zeros(nblocks * BLOCK, np.uint32)
+        self._stamps[:size] = min(version, MAX_STAMP)
+        self.elements = self._stamps[:size]
+        self.blocks = np.full(nblocks, version, np.int64)  # the newest stamp in each block
+        self.whole = np.full(nblocks, version, np.int64)  # the newest stamp of all of a block
 
     def mark_range(self, offset: int, count: int, version: int) -> None:
         """Parameters ``[offset, offset + count)`` changed at ``version``."""
-        if count:
-            self.elements[offset : offset + count] = min(version, MAX_STAMP)
-            self.blocks[offset // BLOCK : (offset + count - 1) // BLOCK + 1] = version
+        if not count:
+            return
+        stop = offset + count
+        first = -(-offset // BLOCK)  # the whole blocks inside the range
+        last = stop // BLOCK if stop < self.size else self.blocks.size
+        if first < last:
+            self.whole[first:last] = version
+            head, tail = (offset, first * BLOCK), (max(last * BLOCK, offset), stop)
+        else:
+            head, tail = (offset, stop), (stop, stop)
+        stamp = min(version, MAX_STAMP)
+        for start, end in (head, tail):
+            if start < end:
+                self.elements[start:end] = stamp
+        self.blocks[offset // BLOCK : (stop - 1) // BLOCK + 1] = version
 
     def mark(self, indices: Indices, version: int) -> None:
         """Parameters at ``indices`` changed at ``version``."""
@@ -49,12 +72,17 @@ class ChangeTracker:
         blocks = np.flatnonzero(self.blocks > version)
         if blocks.size == 0:
             return np.zeros(0, INDEX_DTYPE)
+        whole = self.whole > version
         if blocks.size > self.blocks.size // 4:  # scattered changes: one pass over all stamps
-            changed = np.flatnonzero(self.elements > version)
+            mask = self._stamps > version
+            mask.reshape(-1, BLOCK)[whole] = True
+            changed = np.flatnonzero(mask[: self.size])
         else:
-            candidates = (blocks[:, None] * BLOCK + np.arange(BLOCK)[None, :]).ravel()
-            candidates = candidates[candidates < self.size]
-            changed = candidates[self.elements[candidates] > version]
+            mask = self._stamps.reshape(-1, BLOCK)[blocks] > version
+            mask[whole[blocks]] = True
+            candidates = blocks[:, None] * BLOCK + np.arange(BLOCK)[None, :]
+            changed = candidates[mask]
+            changed = changed[changed < self.size]
         if changed.size > max_fraction * self.size:
             return None
         return changed.astype(INDEX_DTYPE)

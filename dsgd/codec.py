@@ -27,6 +27,7 @@ This module is pure numpy: arrays in, arrays out, no sockets.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -42,6 +43,7 @@ Keys = npt.NDArray[np.uint32]
 Positions = npt.NDArray[np.intp]
 _SIGN_OFF = np.uint32(0x7FFFFFFF)
 _SMALLEST_KEY = 1  # the key of the smallest subnormal: a zero is never selected
+_SPARE_BUFFERS = 2  # dense float32 pushes whose buffers are kept for reuse as the residual
 
 
 class Encoded(NamedTuple):
@@ -49,8 +51,8 @@ class Encoded(NamedTuple):
 
     Sparse: ``indices`` (uint32, unique, ascending, relative to the shard range) and
     ``values`` at them. Dense: ``indices is None`` and ``values`` covers the whole range.
-    Both arrays are freshly allocated and owned by the caller, so they can be sent
-    zero-copy while the encoder goes on.
+    Both arrays belong to the caller, so they can be sent zero-copy while the encoder goes
+    on: the encoder never writes to them again while anything else references them.
     """
 
     indices: Indices | None
@@ -195,8 +197,12 @@ class SparseEncoder:
     """Error-feedback sparsifier for one worker's pushes to one shard of ``size`` entries.
 
     Holds the float32 residual and the scratch buffers of the selection pass, which are
-    allocated once and reused, so an encode allocates only its (small) output. Not
-    thread-safe: use each encoder from one thread at a time.
+    allocated once and reused, so an encode allocates only its (small) output. A dense
+    float32 push sends the residual buffer itself and takes a zeroed one in its place (a
+    buffer of an earlier push that nothing references any more), so a dense encode copies
+    nothing and does not fault in fresh memory; :meth:`accumulate` checks finiteness block
+    by block while each block is still in cache, so a dense encode right after it need not
+    read the residual again. Not thread-safe: use each encoder from one thread at a time.
     """
 
     def __init__(self, size: int, config: CodecConfig | None = None) -> None:
@@ -205,13 +211,34 @@ class SparseEncoder:
         self.config = config if config is not None else CodecConfig()
         self.size = size
         self.pushes = 0
-        self.residual: FlatParams = np.zeros(size, np.float32)
+        self._residual: FlatParams = np.zeros(size, np.float32)
+        # True while _residual's contents are stale and stand for all zeros: zeroing is
+        # left to the next accumulate, which writes the update instead of adding to zeros
+        self._zeroed = False
+        self._finite = True  # the residual is known to hold no NaN or Inf
+        self._sent: list[FlatParams] = []  # buffers of earlier dense pushes, maybe in use
         self._dtype = VALUE_DTYPES[self.config.value_dtype]
         self._clip = float(ml_dtypes.finfo(self._dtype).max)
         block = min(self.config.block, max(size, 1))
         self._keys: Keys = np.empty(block, np.uint32)
         self._mask: npt.NDArray[np.bool_] = np.empty(block, np.bool_)
         self._rng = np.random.default_rng(self.config.seed)
+
+    @property
+    def residual(self) -> FlatParams:
+        """Everything accumulated and not sent yet (float32, one entry per parameter).
+
+        The caller may write to it; the next encode then checks it for NaN and Inf.
+        """
+        self._finite = False
+        return self._values()
+
+    def _values(self) -> FlatParams:
+        """The residual, zeroed first if it was left stale (see ``_zeroed``)."""
+        if self._zeroed:
+            self._residual.fill(0.0)
+            self._zeroed = False
+        return self._residual
 
     def density_now(self) -> float:
         """The density the next :meth:`encode` uses (warm-up included)."""
@@ -225,7 +252,21 @@ class SparseEncoder:
         the encoder and call ``encode()`` without an argument, saving a full pass.
         """
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite: encode() raises
-            np.add(self.residual, self._check(update), out=self.residual)
+            self._add(self._check(update))
+
+    def _add(self, update: FlatParams) -> None:
+        """residual += update in cache-sized blocks, checking each sum while it is hot."""
+        residual, block, finite = self._residual, self._mask.size, True
+        for start in range(0, self.size, block):
+            stop = min(start + block, self.size)
+            part = residual[start:stop]
+            if self._zeroed:  # 0 + update (the same bits as update + 0), not reading zeros
+                np.add(update[start:stop], np.float32(0.0), out=part)
+            else:
+                np.add(part, update[start:stop], out=part)
+            if finite:
+                finite = bool(np.isfinite(part, out=self._mask[: stop - start]).all())
+        self._zeroed, self._finite = False, finite
 
     def encode(self, update: FlatParams | None = None, *, density: float | None = None) -> Encoded:
         """Add ``update`` to the residual and take out what this push sends.
@@ -256,6 +297,7 @@ class SparseEncoder:
         cfg = self.config
         if cfg.threshold is None and wants_dense(density, cfg.value_dtype):
             return self._encode_dense(update)
+        self._finite = False  # the sparse paths below do not keep track
         if cfg.threshold is not None:
             return self._take(*self._select(update, threshold_key(cfg.threshold)))
         k = max(1, round(density * self.size))
@@ -264,7 +306,7 @@ class SparseEncoder:
             keep = top_k_positions(magnitude_keys(accumulated), k)
             unsent = np.ones(positions.size, np.bool_)
             unsent[keep] = False
-            self.residual[positions[unsent]] = accumulated[unsent]
+            self._values()[positions[unsent]] = accumulated[unsent]
             positions, accumulated = positions[keep], accumulated[keep]
         return self._take(positions, accumulated)
 
@@ -279,20 +321,22 @@ class SparseEncoder:
             raise ValueError("indices and values must be 1-D arrays of the same length")
         if idx.size and int(idx.max()) >= self.size:
             raise ValueError(f"index {int(idx.max())} is outside a range of {self.size}")
+        residual, self._finite = self._values(), False
         if np.all(idx[1:] > idx[:-1]):
-            self.residual[idx] += to_float32(values)
+            residual[idx] += to_float32(values)
         else:  # repeated indices (not from encode): add each occurrence
-            np.add.at(self.residual, idx, to_float32(values))
+            np.add.at(residual, idx, to_float32(values))
 
     def give_back_dense(self, values: npt.NDArray[Any], offset: int = 0) -> None:
         """Return to the residual a dense push (or chunk of it, starting at ``offset``)."""
         if values.ndim != 1 or offset < 0 or offset + values.size > self.size:
             raise ValueError(f"{values.size} values at offset {offset} overflow {self.size}")
-        self.residual[offset : offset + values.size] += to_float32(values)
+        self._values()[offset : offset + values.size] += to_float32(values)
+        self._finite = False
 
     def reset(self) -> None:
         """Forget everything accumulated and not sent (after a divergence or a restore)."""
-        self.residual.fill(0.0)
+        self._zeroed = self._finite = True
 
     def _check(self, update: FlatParams) -> FlatParams:
         """``update`` as a contiguous float32 vector of this range (copied only if needed)."""
@@ -303,11 +347,12 @@ class SparseEncoder:
 
     def _estimate(self, update: FlatParams | None, density: float) -> int:
         """Threshold key from a sample of the accumulated update (residual + update)."""
+        residual = self._values()
         if self.size <= self.config.sample_size:
-            sample = self.residual if update is None else self.residual + update
+            sample = residual if update is None else residual + update
         else:
             pos = sample_positions(self.size, self.config.sample_size, self._rng)
-            sample = np.take(self.residual, pos)
+            sample = np.take(residual, pos)
             if update is not None:
                 sample += np.take(update, pos)
         return estimate_threshold_key(magnitude_keys(sample), density)
@@ -320,7 +365,7 @@ class SparseEncoder:
         gather and zero all run on a block while it is still in L2, instead of a pass
         over the whole range for each step.
         """
-        residual, block = self.residual, self._keys.size
+        residual, block = self._values(), self._keys.size
         threshold = np.uint32(key)
         positions, values = [], []
         for start in range(0, self.size, block):
@@ -343,24 +388,47 @@ class SparseEncoder:
     def _take(self, positions: Positions, accumulated: FlatParams) -> Encoded:
         """Send ``accumulated`` (already zeroed in the residual); keep what rounding loses."""
         if not np.isfinite(accumulated).all():
-            self.residual[positions] = accumulated
+            self._values()[positions] = accumulated
             self._drop_nonfinite()
         sent = self._convert(accumulated, copy=False)
         if self._dtype != np.float32:
-            self.residual[positions] = accumulated - to_float32(sent)
+            self._values()[positions] = accumulated - to_float32(sent)
         return Encoded(positions.astype(INDEX_DTYPE), sent)
 
     def _encode_dense(self, update: FlatParams | None) -> Encoded:
         if update is not None:
-            np.add(self.residual, update, out=self.residual)
-        if not np.isfinite(self.residual).all():
+            self._add(update)
+        residual = self._values()
+        if not self._finite and not self._all_finite(residual):
             self._drop_nonfinite()
-        sent = self._convert(self.residual, copy=True)
-        if self._dtype == np.float32:
-            self.residual.fill(0.0)
-        else:
-            np.subtract(self.residual, to_float32(sent), out=self.residual)
+        if self._dtype == np.float32:  # send the residual itself; start again from zeros
+            self._residual, self._zeroed, self._finite = self._spare_buffer(), True, True
+            self._sent.append(residual)
+            del self._sent[:-_SPARE_BUFFERS]
+            return Encoded(None, residual)
+        sent = self._convert(residual, copy=True)
+        np.subtract(residual, to_float32(sent), out=residual)
+        self._finite = False
         return Encoded(None, sent)
+
+    def _spare_buffer(self) -> FlatParams:
+        """The buffer of an earlier dense push that nothing else references, or a new one."""
+        for i in range(len(self._sent)):
+            # two references: the list's and getrefcount's argument. Any other (the
+            # caller's Encoded, a view of it in a zero-copy frame not yet sent) keeps the
+            # buffer out of reach until it is dropped.
+            if sys.getrefcount(self._sent[i]) <= 2:
+                return self._sent.pop(i)
+        return np.empty(self.size, np.float32)
+
+    def _all_finite(self, values: FlatParams) -> bool:
+        """``np.isfinite(values).all()``, block by block into a reused mask."""
+        block = self._mask.size
+        for start in range(0, values.size, block):
+            part = values[start : start + block]
+            if not np.isfinite(part, out=self._mask[: part.size]).all():
+                return False
+        return True
 
     def _convert(self, accumulated: FlatParams, copy: bool) -> npt.NDArray[Any]:
         """``accumulated`` in the value dtype (clipped to its range, so never Inf)."""
@@ -369,9 +437,11 @@ class SparseEncoder:
         return np.clip(accumulated, -self._clip, self._clip).astype(self._dtype)
 
     def _drop_nonfinite(self) -> None:
-        bad = ~np.isfinite(self.residual)
+        residual = self._values()
+        bad = ~np.isfinite(residual)
         count = int(np.count_nonzero(bad))
-        self.residual[bad] = 0.0
+        residual[bad] = 0.0
+        self._finite = True
         raise FloatingPointError(
             f"the accumulated update holds {count} NaN/Inf entries; they were dropped "
             "from the residual and nothing was sent"

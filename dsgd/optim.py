@@ -7,12 +7,36 @@ the shard, and no shard-sized temporary is ever allocated on the event loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from dsgd.errors import ConfigError
 from dsgd.types import FlatParams, Indices
+
+
+class _Scratch(threading.local):
+    """Temporaries reused from chunk to chunk (one set per thread), grown to the largest
+    chunk seen, so that applying a chunk allocates nothing: a fresh temporary per chunk
+    costs an allocation and, for the biggest chunks, page faults."""
+
+    def __init__(self) -> None:
+        self.buffers: list[FlatParams] = []
+
+    def __reduce__(self) -> tuple[type[_Scratch], tuple[()]]:
+        return _Scratch, ()  # a copy (or a pickle) starts with its own, empty, scratch
+
+    def get(self, i: int, n: int) -> FlatParams:
+        while len(self.buffers) <= i:
+            self.buffers.append(np.empty(0, np.float32))
+        if self.buffers[i].size < n:
+            self.buffers[i] = np.empty(n, np.float32)
+        return self.buffers[i][:n]
+
+
+def _scratch() -> _Scratch:
+    return _Scratch()
 
 
 @dataclass(frozen=True)
@@ -21,6 +45,7 @@ class SGD:
 
     lr: float
     name: str = "sgd"
+    _scratch: _Scratch = field(default_factory=_scratch, init=False, repr=False, compare=False)
 
     def init(self, size: int) -> dict[str, FlatParams]:
         return {}
@@ -34,7 +59,9 @@ class SGD:
         lr_scale: float = 1.0,
     ) -> None:
         view = params[offset : offset + grad.size]
-        view -= np.float32(self.lr * lr_scale) * grad
+        step = self._scratch.get(0, grad.size)
+        np.multiply(np.float32(self.lr * lr_scale), grad, out=step)
+        np.subtract(view, step, out=view)
 
     def apply_sparse(
         self,
@@ -61,6 +88,7 @@ class Adagrad:
     initial_accumulator_value: float = 0.1
     eps: float = 1e-7
     name: str = "adagrad"
+    _scratch: _Scratch = field(default_factory=_scratch, init=False, repr=False, compare=False)
 
     def init(self, size: int) -> dict[str, FlatParams]:
         return {"accumulator": np.full(size, self.initial_accumulator_value, np.float32)}
@@ -76,8 +104,16 @@ class Adagrad:
         grad = np.asarray(grad, np.float32)  # float16 squares overflow past 256
         stop = offset + grad.size
         acc = state["accumulator"][offset:stop]
-        acc += grad * grad
-        params[offset:stop] -= np.float32(self.lr * lr_scale) * grad / np.sqrt(acc + self.eps)
+        step, scale = self._scratch.get(0, grad.size), self._scratch.get(1, grad.size)
+        # acc += grad * grad; params -= lr * grad / sqrt(acc + eps), without temporaries
+        np.multiply(grad, grad, out=step)
+        np.add(acc, step, out=acc)
+        np.multiply(np.float32(self.lr * lr_scale), grad, out=step)
+        np.add(acc, self.eps, out=scale)
+        np.sqrt(scale, out=scale)
+        np.divide(step, scale, out=step)
+        view = params[offset:stop]
+        np.subtract(view, step, out=view)
 
     def apply_sparse(
         self,
