@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from dsgd import wire
-from dsgd.errors import Closed, PeerLost, ProtocolError
+from dsgd.errors import Closed, ConfigError, PeerLost, ProtocolError
 from dsgd.types import FlatParams
 
 log = logging.getLogger("dsgd.client")
@@ -96,8 +96,16 @@ class ShardClient:
         dealer.setsockopt(zmq.SNDHWM, 100_000)
         dealer.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        dealer.connect(self.data_address)
-        sub.connect(self.pub_address)
+        try:
+            dealer.connect(self.data_address)
+            sub.connect(self.pub_address)
+        except zmq.ZMQError as exc:
+            dealer.close(linger=0)
+            sub.close(linger=0)
+            raise ConfigError(
+                f"cannot connect to shard {self.shard_id} at {self.data_address} / "
+                f"{self.pub_address}: {exc}"
+            ) from None
         self._dealer, self._sub = dealer, sub
         self._spawn(self._receive_loop(), "receive")
         self._spawn(self._broadcast_loop(), "broadcast")

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dsgd.errors import ConfigError, PeerLost
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
+from dsgd.stats import RateLimitedLog
 
 log = logging.getLogger("dsgd.control")
 
@@ -33,11 +34,86 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not the message the method takes."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """Refuses requests that are not valid protobuf with INVALID_ARGUMENT, counted and logged
+    (rate-limited), instead of letting grpc answer UNKNOWN with a traceback per call."""
+
+    def __init__(self, counters: dict[str, int] | None = None) -> None:
+        self.counters = counters if counters is not None else {}
+        self._log = RateLimitedLog(log)
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as exc:  # DecodeError and friends: the peer sent garbage
+                return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+            key = "undecodable"
+            self.counters[key] = self.counters.get(key, 0) + 1
+            self._log.warning(key, f"refused an undecodable {details.method} request")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not a valid {details.method} message ({request.error[:100]})",
+            )
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=safe_decode,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for item in stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=safe_decode,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
 async def start_grpc_server(
-    host: str, port: int, register: Callable[[grpc.aio.Server], None], what: str
+    host: str,
+    port: int,
+    register: Callable[[grpc.aio.Server], None],
+    what: str,
+    refused: dict[str, int] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server with health checking; return it and its bound port."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    """Start a grpc.aio server with health checking; return it and its bound port.
+
+    Requests that are not valid protobuf are refused (and counted into ``refused``).
+    """
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[RefuseUndecodable(refused)])
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import numpy as np
 import zmq.asyncio
 from google.protobuf import json_format
 
+from dsgd import wire
 from dsgd.checkpoint import ClusterCheckpoint, read_cluster_checkpoint
 from dsgd.client import ShardClient
 from dsgd.config import TrainConfig, add_config_arguments, config_from_arguments
@@ -61,6 +63,36 @@ class Member:
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     stats: pb.MemberStats = field(default_factory=pb.MemberStats)
+
+
+def check_protocol(version: int) -> None:
+    if version != wire.PROTOCOL_VERSION:
+        raise Refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"protocol version {version}, the coordinator speaks {wire.PROTOCOL_VERSION}; "
+            "run the same dsgd version everywhere",
+        )
+
+
+_TCP = re.compile(r"^tcp://[^\s:/]+:(\d{1,5})$")
+_HOST_PORT = re.compile(r"^[^\s/]+:(\d{1,5})$")
+
+
+def check_endpoint(endpoint: pb.ShardEndpoint) -> None:
+    """Refuse shard addresses no worker could connect to."""
+    for name, pattern, value, optional in (
+        ("data_address", _TCP, endpoint.data_address, False),
+        ("pub_address", _TCP, endpoint.pub_address, False),
+        ("control_address", _HOST_PORT, endpoint.control_address, True),
+    ):
+        if optional and not value:
+            continue
+        match = pattern.match(value)
+        if match is None or not 0 < int(match.group(1)) < 65536:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"shard {name} {value[:80]!r} is not a valid address",
+            )
 
 
 class Coordinator:
@@ -113,6 +145,7 @@ class Coordinator:
                 CoordinatorService(self), server
             ),
             "coordinator",
+            self.refused,
         )
         self._tasks.append(asyncio.create_task(self._evaluate_loop(), name="evaluate"))
         log.info(
@@ -199,6 +232,8 @@ class Coordinator:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"shard id {shard_id} is outside this cluster's 0..{self.config.num_shards - 1}",
             )
+        check_protocol(request.protocol_version)
+        check_endpoint(request.endpoint)
         rng = self.layout.ranges[shard_id]
         endpoint = pb.ShardEndpoint()
         endpoint.CopyFrom(request.endpoint)
@@ -234,6 +269,7 @@ class Coordinator:
         )
 
     def register_worker(self, request: pb.RegisterWorkerRequest) -> pb.RegisterWorkerReply:
+        check_protocol(request.protocol_version)
         if request.layout_fingerprint != self.layout.fingerprint:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -296,6 +332,8 @@ class Coordinator:
         ]
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        if request.role not in (pb.ROLE_SHARD, pb.ROLE_WORKER):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {request.role}")
         members = self.shards if request.role == pb.ROLE_SHARD else self.workers
         member = members.get(request.id)
         if member is None:
@@ -335,7 +373,7 @@ class Coordinator:
             next_eval = time.monotonic() + self.config.eval_every
             try:
                 await self._evaluate_once()
-            except (DsgdError, OSError) as exc:
+            except (DsgdError, OSError, zmq.ZMQError) as exc:
                 log.warning("evaluation skipped: %s", exc)
 
     async def _evaluate_once(self) -> None:
@@ -453,6 +491,7 @@ class Coordinator:
             target_accuracy=self.config.target_accuracy,
             config_json=self.config.to_json(),
             shards=self.shard_endpoints(),
+            refused=self.refused,
         )
 
 

@@ -42,16 +42,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             return self.c.register_shard(request)
         except Refused as exc:
-            self.c.refused[exc.code.name] = self.c.refused.get(exc.code.name, 0) + 1
-            await context.abort(exc.code, str(exc))
+            await self._refuse(exc, context)
             raise
+
+    async def _refuse(self, exc: Refused, context: Any) -> None:
+        self.c.refused[exc.code.name] = self.c.refused.get(exc.code.name, 0) + 1
+        await context.abort(exc.code, str(exc))
 
     async def FetchInitialShard(self, request: Any, context: Any) -> AsyncIterator[pb.TensorChunk]:
         if request.layout_fingerprint != self.c.layout.fingerprint or not (
             0 <= request.shard_id < self.c.config.num_shards
         ):
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "unknown shard or another model's layout"
+            await self._refuse(
+                Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "unknown shard or another model's layout",
+                ),
+                context,
             )
         for name, values in self.c.initial.arrays(request.shard_id).items():
             for start in range(0, max(values.size, 1), TENSOR_CHUNK_ELEMENTS):
@@ -64,12 +71,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             return self.c.register_worker(request)
         except Refused as exc:
-            self.c.refused[exc.code.name] = self.c.refused.get(exc.code.name, 0) + 1
-            await context.abort(exc.code, str(exc))
+            await self._refuse(exc, context)
             raise
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
-        return self.c.heartbeat(request)
+        try:
+            return self.c.heartbeat(request)
+        except Refused as exc:
+            await self._refuse(exc, context)
+            raise
 
     async def Status(self, request: Any, context: Any) -> pb.ClusterStatus:
         return self.c.status()

@@ -614,18 +614,6 @@ async def test_bytes_that_are_not_protobuf_do_not_stop_the_coordinator(
         await assert_still_serving(channel)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a request that is not valid protobuf fails in grpc's deserializer, before dsgd's "
-        "servicer: the client gets UNKNOWN ('Unexpected DecodeError'), the server logs a "
-        "full traceback at ERROR for every such call, unthrottled, and nothing counts it. "
-        "Fix: in dsgd/control.py start_grpc_server, add a grpc.aio.ServerInterceptor that "
-        "wraps each handler with request_deserializer=None and parses the bytes itself "
-        "(RequestType.FromString); on DecodeError it counts the refusal, logs through a "
-        "RateLimitedLog, and aborts with INVALID_ARGUMENT"
-    ),
-)
 async def test_undecodable_requests_are_refused_as_invalid_arguments(
     compiled: CompiledModel,
 ) -> None:
@@ -635,20 +623,6 @@ async def test_undecodable_requests_are_refused_as_invalid_arguments(
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.name, code, details)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "dsgd/coordinator.py Coordinator.register_shard takes any data/pub address: a shard "
-        "slot registered at 'not-an-address' (and made ready by one heartbeat) makes "
-        "fetch_parameters() raise zmq.ZMQError (ShardClient.start -> connect), which "
-        "_evaluate_loop does not catch (DsgdError/OSError only): evaluation stops for good, "
-        "Coordinator.aclose() re-raises it before stopping the gRPC server, and the "
-        "half-started ShardClient's sockets leak. Fix: in register_shard, refuse "
-        "(Refused(INVALID_ARGUMENT)) endpoints whose data_address/pub_address are not "
-        "tcp://HOST:PORT with 0 < PORT < 65536 (control_address: HOST:PORT or empty); and "
-        "make ShardClient.start close its sockets and raise ConfigError on zmq.ZMQError"
-    ),
-)
 async def test_a_shard_registering_at_a_malformed_address_is_refused(
     compiled: CompiledModel,
 ) -> None:
@@ -663,20 +637,6 @@ async def test_a_shard_registering_at_a_malformed_address_is_refused(
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "dsgd/coordinator.py Coordinator.finish (run by the Shutdown RPC) fetches the final "
-        "parameters from every registered shard and suppresses only DsgdError/OSError: with a "
-        "shard registered at a malformed address, ShardClient.start raises zmq.ZMQError, so "
-        "Shutdown answers UNKNOWN; the half-started client's sockets stay open in the "
-        "coordinator's context, and Coordinator.aclose() then blocks forever in "
-        "zmq Context.term() (seen here whenever a reference to the traceback survives, e.g. "
-        "in a log handler). Fix: refuse such addresses in register_shard (see above), and in "
-        "dsgd/client.py ShardClient.start close both sockets and raise ConfigError (a "
-        "DsgdError) when connect() raises zmq.ZMQError"
-    ),
-)
 async def test_shutdown_with_a_shard_at_a_malformed_address_is_answered(
     compiled: CompiledModel,
 ) -> None:
@@ -704,17 +664,6 @@ async def test_shutdown_with_a_shard_at_a_malformed_address_is_answered(
             coordinator._ctx.destroy(linger=0)  # close what the bug leaks, or aclose() hangs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "dsgd/coordinator.py Coordinator.register_shard and register_worker never read "
-        "request.protocol_version: a peer speaking another protocol is registered (and then "
-        "talks a wire format the others misread). Fix: in both, "
-        "`if request.protocol_version != wire.PROTOCOL_VERSION: raise "
-        "Refused(FAILED_PRECONDITION, 'protocol version X, the coordinator speaks Y; "
-        "upgrade dsgd on both ends')`"
-    ),
-)
 async def test_registration_from_another_protocol_version_is_refused(
     compiled: CompiledModel,
 ) -> None:
@@ -752,16 +701,6 @@ def _counts_named(value: Any, words: tuple[str, ...], named: bool = False) -> in
     return 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the coordinator counts refusals in Coordinator.refused, but ClusterStatus has no "
-        "field for them, so `dsgd status --json` never shows them (and FetchInitialShard's "
-        "refusals are not counted at all). Fix: add `map<string, int64> refused = 16;` to "
-        "ClusterStatus in protos/dsgd/proto/control.proto (regenerate), fill it in "
-        "Coordinator.status(), and count FetchInitialShard's aborts like RegisterShard's"
-    ),
-)
 async def test_refused_requests_are_counted_in_status(compiled: CompiledModel) -> None:
     from google.protobuf import json_format
 

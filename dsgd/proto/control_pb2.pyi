@@ -211,7 +211,14 @@ class Evaluation(_message.Message):
     def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "target_accuracy", "config_json", "shards")
+    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "target_accuracy", "config_json", "shards", "refused")
+    class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +234,7 @@ class ClusterStatus(_message.Message):
     TARGET_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_params: int
     layout_fingerprint: int
@@ -242,7 +250,8 @@ class ClusterStatus(_message.Message):
     target_accuracy: float
     config_json: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
-    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., target_accuracy: _Optional[float] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ...) -> None: ...
+    refused: _containers.ScalarMap[str, int]
+    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., target_accuracy: _Optional[float] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)
