@@ -10,12 +10,16 @@ that changed: nothing unchanged is resent.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from dsgd.types import Indices
 from dsgd.wire import INDEX_DTYPE
 
 BLOCK = 256
+_BLOCK_SHIFT = 8  # index >> _BLOCK_SHIFT == index // BLOCK
 MAX_STAMP = np.iinfo(np.uint32).max
 
 
@@ -56,10 +60,11 @@ class ChangeTracker:
                 self.elements[start:end] = stamp
         self.blocks[offset // BLOCK : (stop - 1) // BLOCK + 1] = version
 
-    def mark(self, indices: Indices, version: int) -> None:
-        """Parameters at ``indices`` changed at ``version``."""
+    def mark(self, indices: npt.NDArray[np.integer[Any]], version: int) -> None:
+        """Parameters at ``indices`` (uint32, or intp: faster to index with) changed at
+        ``version``."""
         self.elements[indices] = min(version, MAX_STAMP)
-        self.blocks[indices // BLOCK] = version
+        self.blocks[np.right_shift(indices, _BLOCK_SHIFT)] = version
 
     def changed_since(self, version: int, max_fraction: float = 0.5) -> Indices | None:
         """Ascending indices of parameters changed after ``version``.

@@ -89,6 +89,7 @@ class ShardClient:
         self.errors: list[str] = []
 
     async def start(self) -> None:
+        wire.keep_frame_memory()  # parameter replies arrive as 1 MiB frames too
         dealer = self._ctx.socket(zmq.DEALER)
         sub = self._ctx.socket(zmq.SUB)
         for sock in (dealer, sub):

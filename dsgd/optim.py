@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from dsgd.errors import ConfigError
-from dsgd.types import FlatParams, Indices
+from dsgd.types import FlatParams
+
+Positions = npt.NDArray[np.integer[Any]]  # uint32 from the wire, or intp (faster to index)
 
 
 class _Scratch(threading.local):
@@ -67,7 +71,7 @@ class SGD:
         self,
         params: FlatParams,
         state: dict[str, FlatParams],
-        indices: Indices,
+        indices: Positions,
         grad: FlatParams,
         lr_scale: float = 1.0,
     ) -> None:
@@ -119,7 +123,7 @@ class Adagrad:
         self,
         params: FlatParams,
         state: dict[str, FlatParams],
-        indices: Indices,
+        indices: Positions,
         grad: FlatParams,
         lr_scale: float = 1.0,
     ) -> None:

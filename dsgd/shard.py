@@ -168,6 +168,7 @@ class ShardServer:
 
     async def start(self) -> None:
         """Bind both sockets (raising a clear error if a port is taken) and start broadcasting."""
+        wire.keep_frame_memory()
         router = self._ctx.socket(zmq.ROUTER)
         pub = self._ctx.socket(zmq.PUB)
         self._router, self._pub = router, pub
@@ -340,8 +341,13 @@ class ShardServer:
             )
             self.changes.mark_range(header.offset, header.count, state.version)
         else:
-            self.optimizer.apply_sparse(state.params, state.opt_state, indices, values32, lr_scale)
-            self.changes.mark(indices, state.version)
+            # numpy converts uint32 indices to intp on every fancy-indexing operation (the
+            # optimizer's gathers and scatters, the stamps): convert once instead
+            positions = indices.astype(np.intp)
+            self.optimizer.apply_sparse(
+                state.params, state.opt_state, positions, values32, lr_scale
+            )
+            self.changes.mark(positions, state.version)
         book.chunks_applied += 1
         self.counters["updates_applied"] += 1
         self.counters["values_applied"] += header.count
