@@ -20,6 +20,8 @@ JSON_NAME = "transport.json"
 MARKDOWN_NAME = "transport.md"
 CHUNKS_PNG = "transport_chunks.png"
 PS_PNG = "transport_ps.png"
+# Suites that sweep something other than the chunk size draw their own charts.
+NOT_CHUNK_SWEEPS = frozenset({"ps", "dsgd", "apply"})
 
 
 def _best(records: Iterable[Record]) -> Record | None:
@@ -185,6 +187,23 @@ def headline(doc: dict[str, Any]) -> str:
                 f"{best['default_vs_best']:.0%} of the fastest ({spread} the run-to-run spread)"
             )
         lines.append(f"dsgd's default chunk (dsgd.wire.DEFAULT_CHUNK_BYTES = {default}): {verdict}")
+    targets = doc.get("targets") or []
+    if targets:
+        quick = (doc.get("config") or {}).get("quick")
+        lines.append(
+            "targets (ratios within this run"
+            + (
+                "; --quick sizes are smaller than the targets', so only a smoke test"
+                if quick
+                else ""
+            )
+            + "):"
+        )
+        lines.extend(
+            f"- {t['what']}: {t['value']:.2f} (target {t['target']}): "
+            + ("met" if t["met"] else "MISSED")
+            for t in targets
+        )
     return "\n".join(lines)
 
 
@@ -238,14 +257,14 @@ def _pyplot() -> Any:
 def plot_chunks(records: list[Record], path: Path) -> None:
     """Throughput vs chunk size, one panel per (suite, transport), ceilings drawn in."""
     plt = _pyplot()
-    keys = ((r["suite"], r["transport"]) for r in records if r["suite"] != "ps")
+    keys = ((r["suite"], r["transport"]) for r in records if r["suite"] not in NOT_CHUNK_SWEEPS)
     panels = list(dict.fromkeys(keys))
     ceiling, memcpy = tcp_ceiling(records), memcpy_ceiling(records)
     references = tcp_references(records)
     ncols = 2
     nrows = max(1, math.ceil(len(panels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(15, 5.6 * nrows), squeeze=False)
-    chunk_sizes = sorted({r["chunk_bytes"] for r in records})
+    chunk_sizes = sorted({r["chunk_bytes"] for r in records if r["suite"] not in NOT_CHUNK_SWEEPS})
     for ax, (suite, transport) in zip(axes.flat, panels, strict=False):
         rows = _select(records, suite=suite, transport=transport)
         for variant in dict.fromkeys(r["variant"] for r in rows):

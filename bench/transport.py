@@ -12,11 +12,17 @@ interleaved round by round:
   applying each chunk as it arrives, or reassembling one array and then applying it;
 * ``grpc``: unary and client-streaming, sync and ``grpc.aio``, over the same chunk sizes;
 * ``framing``: msgpack header + raw frames vs the payload packed inside msgpack vs a
-  protobuf bytes field, over ZeroMQ and gRPC.
+  protobuf bytes field, over ZeroMQ and gRPC;
+* ``dsgd``: dsgd's own push path (encode, chunk, send, apply on a real shard process, acks)
+  and fetch path, dense and sparse (1%, 10%), for 1M, 10M and 75M parameters;
+* ``ps``: parameter-server throughput (pushes/s, applied GB/s) with 1, 2, 4 and 8
+  synthetic worker processes, one shard or two;
+* ``apply``: a shard's dense apply vs memcpy, and sparse apply per touched parameter.
 
-It writes ``transport.json``, ``transport.md`` and ``transport_chunks.png`` (and
-``transport_ps.png`` when a suite yields ``suite="ps"`` records) into ``--out``, and says
-which chunk size is fastest for dsgd's own framing. See bench/README.md.
+It writes ``transport.json``, ``transport.md``, ``transport_chunks.png``,
+``transport_dsgd.png`` and ``transport_ps.png`` into ``--out``, says which chunk size is
+fastest for dsgd's own framing, and whether dsgd's data path meets its targets. See
+bench/README.md.
 
     python -m bench.transport            # 64 MiB payload, a few minutes
     python -m bench.transport --quick    # 8 MiB, a smoke run under a minute
@@ -42,6 +48,8 @@ import numpy as np
 from google.protobuf import wrappers_pb2
 
 from bench import _report
+from bench._apply import apply_suite, dense_apply_target, sparse_apply_target
+from bench._dsgd_paths import dense_push_target, dsgd_suite, full_fetch_target, plot_paths
 from bench._measure import (
     Bench,
     Case,
@@ -66,6 +74,7 @@ from bench._peers import (
     TcpPeer,
     ZmqPeer,
 )
+from bench._ps import ps_suite
 from bench._report import MEMCPY_FRESH, MEMCPY_REUSED, TCP_FRESH_VARIANT, TCP_REUSED_VARIANT
 from dsgd import wire
 
@@ -99,6 +108,7 @@ CHUNKS_VS_ONE_FRAME = (
 FULL_CHUNKS = (64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
 QUICK_CHUNKS = (64 * KiB, 1 * MiB, 8 * MiB)
 REFERENCE_CHUNK = 1 * MiB  # the raw-TCP reference every ratio divides by
+DSGD_PNG = "transport_dsgd.png"
 
 
 def nchunks(payload: int, chunk: int) -> int:
@@ -258,6 +268,9 @@ SUITES: dict[str, Suite] = {
     "zmq": zmq_suite,
     "grpc": grpc_suite,
     "framing": framing_suite,
+    "dsgd": dsgd_suite,
+    "ps": ps_suite,
+    "apply": apply_suite,
 }
 
 
@@ -319,6 +332,17 @@ def run_suites(config: Config, names: Iterable[str]) -> list[Record]:
     return records
 
 
+def targets(records: list[Record], config: Config) -> list[dict[str, Any]]:
+    """The data-path targets this run can judge (ratios within the run), met or not."""
+    found = (
+        dense_push_target(records, config.payload_bytes),
+        full_fetch_target(records),
+        dense_apply_target(records),
+        sparse_apply_target(records),
+    )
+    return [t for t in found if t is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = make_config(args)
@@ -339,11 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "best_per_transport": _report.best_per_transport(records),
         "chunks_vs_one_frame": _report.chunks_vs_one_frame(records, CHUNKS_VS_ONE_FRAME),
+        "targets": targets(records, config),
         "elapsed_s": time.perf_counter() - started,
         "records": records,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     outputs = _report.write_all(doc, args.out)
+    if plot_paths(records, args.out / DSGD_PNG):
+        outputs.append(args.out / DSGD_PNG)
     print()
     print(_report.headline(doc))
     print(f"finished in {doc['elapsed_s']:.1f} s; wrote {', '.join(str(p) for p in outputs)}")

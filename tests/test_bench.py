@@ -69,13 +69,25 @@ def test_quick_run_writes_valid_json(quick_run: tuple[Path, str]) -> None:
     assert records
     for record in records:
         check_record(record)
-    assert {"ceiling", "zmq", "grpc", "framing"} <= {r["suite"] for r in records}
+    assert {"ceiling", "zmq", "grpc", "framing", "dsgd", "ps", "apply"} <= {
+        r["suite"] for r in records
+    }
     assert {"memcpy", "tcp", "zmq-tcp", "zmq-ipc", "grpc"} <= {r["transport"] for r in records}
     chunks = {r["chunk_bytes"] for r in records if r["suite"] == "zmq"}
     assert len(chunks) >= 3  # a sweep, not one point
     assert doc["best_chunk"]["chunk_bytes"] in chunks
     assert doc["best_chunk"]["transport"] == "zmq-tcp"
     assert doc["tcp_ceiling_gbps"] > 0
+    ps = [r for r in records if r["suite"] == "ps"]
+    assert {r["workers"] for r in ps} >= {1, 2} and all(r["pushes_per_s"] > 0 for r in ps)
+    assert {r["shards"] for r in ps} == {1, 2}
+    assert not any(r["chunks_not_applied"] for r in ps)  # every pushed chunk was applied
+    paths = {r["path"] for r in records if r["suite"] == "dsgd"}
+    assert {"push dense float32", "fetch full range", "push sparse 1%"} <= paths
+    # each target is judged in every run (at --quick sizes, only as a smoke test)
+    assert len(doc["targets"]) == 4
+    for target in doc["targets"]:
+        assert isinstance(target["met"], bool) and math.isfinite(target["value"])
 
 
 def test_quick_run_writes_markdown_and_chart_and_names_the_best_chunk(
@@ -87,7 +99,9 @@ def test_quick_run_writes_markdown_and_chart_and_names_the_best_chunk(
     assert "## Headline" in markdown and "| zmq-tcp |" in markdown
     assert "fastest chunk size for ZeroMQ tcp" in stdout
     assert "DEFAULT_CHUNK_BYTES" in stdout
-    assert not (out / _report.PS_PNG).exists()  # no ps suite yet, so no empty chart
+    assert (out / _report.PS_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert (out / "transport_dsgd.png").read_bytes().startswith(PNG_MAGIC)
+    assert "targets (ratios within this run" in stdout
 
 
 def _synthetic_records() -> list[dict[str, Any]]:
