@@ -47,7 +47,7 @@ import zmq.asyncio
 
 from dsgd import wire
 from dsgd.optim import Adagrad, ServerOptimizerT
-from dsgd.shard import ShardServer, ShardState
+from dsgd.shard import MAX_UPDATE_VALUE, ShardServer, ShardState
 
 ROOT = Path(__file__).resolve().parents[1]
 JSON_NAME = "fuzz_shard.json"
@@ -177,12 +177,15 @@ class Message:
 
 
 def finite_values(draw: Draw, dtype_name: str, count: int) -> np.ndarray:
-    """Arbitrary finite values: random bit patterns, then a few extremes (max, subnormals)."""
+    """Arbitrary acceptable values: random bit patterns within the shard's bound, then a few
+    extremes (the bound, subnormals)."""
     dtype = wire.VALUE_DTYPES[dtype_name]
     values = np.frombuffer(draw.raw(count * dtype.itemsize, count * dtype.itemsize), dtype).copy()
     values[~np.isfinite(values.astype(np.float32))] = 0
     info = ml_dtypes.finfo(dtype)
-    extremes = [info.max, -info.max, info.smallest_subnormal, -info.smallest_subnormal]
+    biggest = min(float(info.max), MAX_UPDATE_VALUE)  # beyond it a shard refuses the push
+    values[np.abs(values.astype(np.float32)) > biggest] = 0
+    extremes = [biggest, -biggest, info.smallest_subnormal, -info.smallest_subnormal]
     extremes += [info.tiny, -0.0, 0.0]
     for _ in range(draw.integer(0, min(count, 3))):
         values[draw.integer(0, count - 1)] = draw.choice(extremes)

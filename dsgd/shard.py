@@ -43,6 +43,7 @@ log = logging.getLogger("dsgd.shard")
 
 DEDUP_WINDOW = 4096  # push sequences per worker remembered for at-most-once apply
 MAX_WORKER_BOOKS = 4096  # (worker, incarnation) pairs remembered
+MAX_UPDATE_VALUE = 1e15  # larger gradient values are refused: applying them could overflow
 BROADCAST_INTERVAL = 0.005  # seconds between version broadcasts while versions change
 IDLE_BROADCAST_INTERVAL = 0.5  # ... and while they do not (late subscribers learn it)
 SPARSE_PULL_MAX_FRACTION = 0.5  # above this fraction of changed blocks, send the full range
@@ -175,6 +176,7 @@ class ShardServer:
         for sock in (router, pub):
             sock.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)  # a bigger frame: disconnect
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.RCVHWM, 100_000)
         data_port = _bind(router, self._host, self._ports[0], "data")
@@ -306,8 +308,15 @@ class ShardServer:
             if header.count > 1 and not bool(np.all(indices[1:] > indices[:-1])):
                 return self._reject("order", "sparse indices are not strictly increasing")
         values32 = values if values.dtype == np.float32 else values.astype(np.float32)
-        if not bool(np.isfinite(values32).all()):
-            return self._reject("nonfinite", "update contains NaN or Inf")
+        # NaN makes min/max NaN and fails both comparisons; the bound keeps a finite but
+        # absurd update from overflowing the parameters or Adagrad's accumulator
+        low, high = values32.min(initial=0.0), values32.max(initial=0.0)
+        if not (-MAX_UPDATE_VALUE <= low and high <= MAX_UPDATE_VALUE):
+            return self._reject(
+                "nonfinite", f"update contains NaN, Inf or values beyond +-{MAX_UPDATE_VALUE:g}"
+            )
+        if header.base_version < 0:
+            return self._reject("version", f"push claims base version {header.base_version}")
 
         book = self._book(header.worker, header.incarnation)
         push = book.pushes.get(header.seq)
