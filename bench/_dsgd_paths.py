@@ -244,11 +244,20 @@ def _median_size(sizes: list[int]) -> int:
 
 
 def dense_push_target(records: list[Record], payload_bytes: int) -> dict[str, Any] | None:
-    """dsgd's dense push of the run's payload (64 MiB) vs raw TCP: the target is >= 0.85."""
+    """dsgd's dense push of the run's payload (64 MiB) vs the raw-TCP reference: >= 0.85.
+
+    The raw TCP of the same bytes, timed in the same rounds by another receiver process, is
+    quoted beside it: on a 2-core VM raw TCP alone varies by up to 1.5x with where the
+    scheduler puts its two processes, so the two baselines can differ that much.
+    """
     for r in records:
         if r["suite"] == SUITE and r.get("path") == PUSH_DENSE and r["params"] * 4 == payload_bytes:
             return {
-                "what": f"dense push of {payload_bytes // MiB} MiB in default chunks, x raw TCP",
+                "what": (
+                    f"dense push of {payload_bytes // MiB} MiB in default chunks, x raw TCP "
+                    f"reference ({1 / r['time_vs_tcp_same_bytes']:.2f}x the raw TCP of the same "
+                    "bytes timed alongside)"
+                ),
                 "value": r["ratio_to_tcp"],
                 "target": ">= 0.85",
                 "met": r["ratio_to_tcp"] >= 0.85,
@@ -263,7 +272,10 @@ def full_fetch_target(records: list[Record]) -> dict[str, Any] | None:
         return None
     r = max(fetches, key=lambda r: r["params"])
     return {
-        "what": f"full fetch of {params_label(r['params'])} parameters, time x raw TCP same bytes",
+        "what": (
+            f"full fetch of {params_label(r['params'])} parameters, time x raw TCP of the same "
+            f"bytes ({r['ratio_to_tcp']:.2f}x the raw TCP reference's GB/s)"
+        ),
         "value": r["time_vs_tcp_same_bytes"],
         "target": "<= 1.5",
         "met": r["time_vs_tcp_same_bytes"] <= 1.5,

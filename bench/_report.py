@@ -315,7 +315,9 @@ def plot_ps(records: list[Record], path: Path) -> bool:
     if not rows:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    rates = all("pushes_per_s" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if rates else 1, figsize=(15 if rates else 8, 5), squeeze=False)
+    ax = axes[0][0]
     for transport, variant in dict.fromkeys((r["transport"], r["variant"]) for r in rows):
         points = _select(rows, transport=transport, variant=variant)
         points.sort(key=lambda r: r["workers"])
@@ -331,6 +333,13 @@ def plot_ps(records: list[Record], path: Path) -> bool:
             capsize=3,
             label=f"{transport}: {variant}",
         )
+        if rates:
+            axes[0][1].plot(
+                [r["workers"] for r in points],
+                [r["pushes_per_s"] for r in points],
+                marker="o",
+                label=f"{transport}: {variant}",
+            )
     ax.axhline(tcp_ceiling(records), color="black", linestyle="--", label="raw TCP ceiling")
     ax.set_xlabel("workers")
     ax.set_ylabel("GB/s (median; bars min..max)")
@@ -338,6 +347,14 @@ def plot_ps(records: list[Record], path: Path) -> bool:
     ax.set_title("Parameter-server throughput vs workers")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if rates:
+        ax = axes[0][1]
+        ax.set_xlabel("workers")
+        ax.set_ylabel("pushes applied per second (median)")
+        ax.set_yscale("log")
+        ax.set_title("Pushes per second vs workers")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
