@@ -41,6 +41,7 @@ from dsgd.codec import Encoded
 
 SUITE = "ps"
 READY = "ready"
+STARTED = "started"
 STOP = "stop"
 FULL_WORKERS = (1, 2, 4, 8)
 QUICK_WORKERS = (1, 2)
@@ -106,11 +107,11 @@ def _receive(conn: multiprocessing.connection.Connection) -> Any:
 
 
 def _update(size: int, density: float, rng: np.random.Generator) -> Encoded:
-    values = rng.standard_normal(size, dtype=np.float32) * np.float32(1e-6)
     if density >= 1.0:
-        return Encoded(None, values)
-    indices = np.flatnonzero(rng.random(size, dtype=np.float32) < density)
-    return Encoded(indices.astype(wire.INDEX_DTYPE), values[indices])
+        return Encoded(None, rng.standard_normal(size, dtype=np.float32) * np.float32(1e-6))
+    picked = rng.choice(size, round(density * size), replace=False, shuffle=False)
+    values = rng.standard_normal(picked.size, dtype=np.float32) * np.float32(1e-6)
+    return Encoded(np.sort(picked).astype(wire.INDEX_DTYPE), values)
 
 
 async def _push_until_stopped(
@@ -148,10 +149,12 @@ async def _push_until_stopped(
         counts["chunks_applied"] += applied
         counts["chunks_not_applied"] += len(statuses) - applied
 
-    stop = asyncio.ensure_future(asyncio.to_thread(_receive, conn))
+    stop: asyncio.Future[Any] | None = None
     try:
         for client in clients:
             await client.start()
+        conn.send(STARTED)  # updates made, sockets connected: the clock may start
+        stop = asyncio.ensure_future(asyncio.to_thread(_receive, conn))
         seq = 0
         while not stop.done():
             seq += 1
@@ -179,7 +182,8 @@ async def _push_until_stopped(
     finally:
         for client in clients:
             await client.aclose()
-        await stop
+        if stop is not None:
+            await stop
     return counts
 
 
@@ -208,8 +212,12 @@ class WorkerPool:
             raise
 
     def start(self, job: Job, n: int) -> None:
+        """Hand ``job`` to the first ``n`` workers; return once all of them are pushing."""
         for conn in self.conns[:n]:
             conn.send(job)
+        for conn in self.conns[:n]:
+            if not conn.poll(self.timeout_s) or conn.recv() != STARTED:
+                raise TimeoutError("a synthetic worker did not start its job")
 
     def stop(self, n: int) -> list[dict[str, int]]:
         for conn in self.conns[:n]:
