@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -16,6 +17,16 @@ from dsgd.errors import CheckpointError, ConfigError, DsgdError, LayoutMismatch
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
+
+
+def add_member_arguments(parser: argparse.ArgumentParser, ready: str) -> None:
+    """The flags every cluster member (shard or worker) takes besides its own."""
+    parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    parser.add_argument("--ready-file", help=ready)
+    parser.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
+    )
+    parser.add_argument("--log-level", default="INFO")
 
 
 def setup_logging(role: str, level: str = "INFO") -> None:

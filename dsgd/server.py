@@ -32,7 +32,7 @@ from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, start_grpc_server, stats_message
 from dsgd.errors import CheckpointError, ConfigError, ProtocolError
 from dsgd.optim import make_optimizer
-from dsgd.process import run_process, setup_logging, write_ready_file
+from dsgd.process import add_member_arguments, run_process, setup_logging, write_ready_file
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.shard import ShardServer, ShardState
@@ -337,7 +337,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dsgd.server", description="Run one dsgd parameter shard."
     )
-    parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    add_member_arguments(parser, "write bound addresses here (JSON) once serving")
     parser.add_argument("--shard-id", type=int, required=True, help="which shard slot to serve")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--advertise-host", help="address peers use to reach this shard")
@@ -347,11 +347,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint-dir", type=Path, help="restore from and checkpoint to this directory"
     )
-    parser.add_argument("--ready-file", help="write bound addresses here (JSON) once serving")
-    parser.add_argument(
-        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
-    )
-    parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,7 @@ from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, stats_message
 from dsgd.errors import ConfigError, LayoutMismatch, PeerLost
 from dsgd.model import CompiledModel, ModelSpec, load_model
-from dsgd.process import run_process, setup_logging, write_ready_file
+from dsgd.process import add_member_arguments, run_process, setup_logging, write_ready_file
 from dsgd.proto import control_pb2 as pb
 from dsgd.replica import DRAIN_TIMEOUT, Worker, worker_batches
 from dsgd.types import ShardInfo
@@ -200,16 +200,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dsgd.worker", description="Join a dsgd cluster as one model replica."
     )
-    parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    add_member_arguments(parser, "write the assigned worker id here once training")
     parser.add_argument(
         "--model", help="package.module:factory (default: the model the coordinator runs)"
     )
     parser.add_argument("--worker-id", type=int, default=-1, help="slot to take (default: any)")
-    parser.add_argument("--ready-file", help="write the assigned worker id here once training")
-    parser.add_argument(
-        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
-    )
-    parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
