@@ -1,8 +1,9 @@
 """What applying an update costs a shard, in one process: the ``apply`` suite.
 
-Every case hands already-received chunk messages to a real :class:`~dsgd.shard.ShardServer`
-exactly as its loop does (:func:`dsgd.wire.decode`, then :meth:`ShardServer.apply_push`:
-validation, at-most-once books, SGD, change stamps), without sockets:
+Every case hands already-received chunk messages to a real
+:class:`~dsgd.shard.core.ShardCore` exactly as its server does (:func:`dsgd.wire.decode`,
+then :meth:`ShardCore.apply`: validation, at-most-once books, SGD, change stamps), without
+sockets:
 
 * **dense** SGD apply of the run's payload in 1 MiB chunks, next to a numpy copy of the same
   bytes into a reused buffer in 1 MiB chunks (the memcpy bandwidth that bounds it) and to
@@ -21,14 +22,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import zmq.asyncio
 
 from bench._dsgd_paths import Timed, measure_prepared, params_label
 from bench._measure import Bench, Case, MiB, Record, make_record
 from dsgd import wire
 from dsgd.codec import Encoded
 from dsgd.optim import SGD
-from dsgd.shard import ShardServer, ShardState
+from dsgd.shard.core import ShardCore, ShardState
+from dsgd.wire import AckStatus
 
 SUITE = "apply"
 FULL_SIZES = (1_000_000, 10_000_000, 75_000_000)
@@ -36,7 +37,7 @@ QUICK_SIZES = (1 << 18, 1 << 21)
 SPARSE_DENSITY = 0.01
 TRANSPORT = "in-process"
 MEMCPY = "numpy copy into a reused buffer"
-APPLY_DENSE = "SGD dense apply: decode + ShardServer.apply_push"
+APPLY_DENSE = "SGD dense apply: decode + ShardCore.apply"
 OPTIMIZER_DENSE = "SGD.apply_dense alone (no checks, books or stamps)"
 FINGERPRINT = 1
 
@@ -47,33 +48,33 @@ class _Pushes:
     the way its loop does."""
 
     def __init__(
-        self, server: ShardServer, update: Encoded, count: int, chunk: int, worker: int = 1
+        self, core: ShardCore, update: Encoded, count: int, chunk: int, worker: int = 1
     ) -> None:
-        self.server = server
+        self.core = core
         self.queue: deque[list[list[Any]]] = deque()
         for seq in range(1, count + 1):
             template = wire.Header(
                 kind=wire.PUSH, fingerprint=FINGERPRINT, shard=0, worker=worker, seq=seq
             )
             if update.indices is None:
-                messages = wire.dense_chunks(template, update.values, chunk)
+                chunks = wire.dense_chunks(template, update.values, chunk)
             else:
-                messages = wire.sparse_chunks(template, update.indices, update.values, chunk)
-            self.queue.append(list(messages))
+                chunks = wire.sparse_chunks(template, update.indices, update.values, chunk)
+            self.queue.append([c.frames for c in chunks])
 
     def apply(self) -> None:
         for frames in self.queue.popleft():
             header, arrays = wire.decode(frames)
-            status = self.server.apply_push(header, arrays)
-            if status != "applied":
-                raise RuntimeError(f"chunk not applied: {status}")
+            outcome = self.core.apply(header, arrays)
+            if outcome.status != AckStatus.APPLIED:
+                raise RuntimeError(f"chunk not applied: {outcome}")
 
 
-def _server(size: int, ctx: zmq.asyncio.Context) -> ShardServer:
+def _core(size: int) -> ShardCore:
     optimizer = SGD(1e-6)
     params = np.full(size, 0.0, np.float32)
     state = ShardState(params, optimizer.init(size))
-    return ShardServer(0, FINGERPRINT, optimizer, state, context=ctx)
+    return ShardCore(0, FINGERPRINT, optimizer, state)
 
 
 def apply_suite(bench: Bench) -> Iterator[Record]:
@@ -81,21 +82,17 @@ def apply_suite(bench: Bench) -> Iterator[Record]:
     config = bench.config
     rounds = config.warmup + config.repeats
     chunk = wire.DEFAULT_CHUNK_BYTES
-    ctx = zmq.asyncio.Context()
-    try:
-        yield from _dense(bench, ctx, rounds, chunk)
-        for size in QUICK_SIZES if config.quick else FULL_SIZES:
-            yield from _sparse(bench, ctx, size, rounds, chunk)
-    finally:
-        ctx.term()
+    yield from _dense(bench, rounds, chunk)
+    for size in QUICK_SIZES if config.quick else FULL_SIZES:
+        yield from _sparse(bench, size, rounds, chunk)
 
 
-def _dense(bench: Bench, ctx: zmq.asyncio.Context, rounds: int, chunk: int) -> Iterator[Record]:
+def _dense(bench: Bench, rounds: int, chunk: int) -> Iterator[Record]:
     size = bench.config.payload_bytes // 4
     rng = np.random.default_rng(0)
     grad = rng.standard_normal(size, dtype=np.float32)
-    server = _server(size, ctx)
-    pushes = _Pushes(server, Encoded(None, grad), rounds, chunk)
+    core = _core(size)
+    pushes = _Pushes(core, Encoded(None, grad), rounds, chunk)
     dest = np.ones(size, np.float32)
     optimizer = SGD(1e-6)
     per_chunk = chunk // 4
@@ -129,9 +126,7 @@ def _dense(bench: Bench, ctx: zmq.asyncio.Context, rounds: int, chunk: int) -> I
         )
 
 
-def _sparse(
-    bench: Bench, ctx: zmq.asyncio.Context, size: int, rounds: int, chunk: int
-) -> Iterator[Record]:
+def _sparse(bench: Bench, size: int, rounds: int, chunk: int) -> Iterator[Record]:
     rng = np.random.default_rng(size)
     touched = np.flatnonzero(rng.random(size, dtype=np.float32) < SPARSE_DENSITY)
     sparse = Encoded(
@@ -139,7 +134,7 @@ def _sparse(
         rng.standard_normal(touched.size, dtype=np.float32),
     )
     dense = Encoded(None, rng.standard_normal(size, dtype=np.float32))
-    server = _server(size, ctx)
+    core = _core(size)
     label = params_label(size)
     # (variant, entries, bytes per entry, the pushes)
     groups: list[tuple[str, int, int, Callable[[], None]]] = [
@@ -147,13 +142,13 @@ def _sparse(
             f"SGD sparse apply, {SPARSE_DENSITY:.0%} of a {label}-parameter shard",
             touched.size,
             8,
-            _Pushes(server, sparse, rounds, chunk).apply,
+            _Pushes(core, sparse, rounds, chunk).apply,
         ),
         (
             f"SGD dense apply, a {label}-parameter shard",
             size,
             4,
-            _Pushes(server, dense, rounds, chunk, worker=2).apply,
+            _Pushes(core, dense, rounds, chunk, worker=2).apply,
         ),
     ]
     cases = [Timed(Case(TRANSPORT, variant, chunk, run)) for variant, _, _, run in groups]

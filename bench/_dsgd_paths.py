@@ -8,7 +8,7 @@ serves the range and this process pushes to it and fetches from it as a worker d
 * **push**, timed from the first encode to the last acknowledgement: the
   :class:`~dsgd.codec.SparseEncoder` takes the update out of its residual (dense, or the
   1% / 10% largest entries), :mod:`dsgd.wire` cuts it into 1 MiB chunk messages, the
-  :class:`~dsgd.client.ShardClient` sends them zero-copy under a permit, the shard
+  :class:`~dsgd.shard.client.ShardClient` sends them zero-copy under a permit, the shard
   decodes, checks and applies each one (SGD) as it arrives and acknowledges it. An
   untimed step before each push puts the same update back into the residual.
 * **fetch**, timed from the request to the last chunk copied into a preallocated array:
@@ -289,9 +289,9 @@ def plot_paths(records: list[Record], path: Any) -> bool:
     applies = [r for r in records if r["suite"] == "apply" and "ns_per_touched" in r]
     if not rows and not applies:
         return False
-    from bench._report import _pyplot
+    from bench._common import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.6))
     for ax, key, label in (
         (axes[0], "gbps_median", "GB/s on the wire (median)"),

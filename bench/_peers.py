@@ -29,20 +29,12 @@ import numpy as np
 import zmq
 from google.protobuf import wrappers_pb2
 
+from bench._common import SPAWN, stop_process
 from dsgd import wire
 
-SPAWN = mp.get_context("spawn")
 READY = b"ready"
 BEGIN = b"begin"
 STOP = b"stop"
-
-
-def _stop_process(process: Any, timeout_s: float) -> None:
-    process.join(timeout=timeout_s)
-    if process.is_alive():
-        process.kill()
-        process.join(timeout=timeout_s)
-    process.close()
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -101,7 +93,7 @@ class TcpPeer:
                 self.sock, _ = listener.accept()
             except BaseException:
                 self.process.kill()
-                _stop_process(self.process, timeout_s)
+                stop_process(self.process, timeout_s)
                 raise
         self.sock.settimeout(timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -119,7 +111,7 @@ class TcpPeer:
             self.sock.sendall(TCP_HEADER.pack(TCP_STOP, 0, 0))
         except OSError:
             pass
-        _stop_process(self.process, self.timeout_s)
+        stop_process(self.process, self.timeout_s)
         self.sock.close()
 
     def __enter__(self) -> TcpPeer:
@@ -286,7 +278,7 @@ class ZmqPeer:
                     next(iter(self.pushes.values())).send(STOP)
                 except zmq.ZMQError:
                     pass
-            _stop_process(self.process, self.timeout_s)
+            stop_process(self.process, self.timeout_s)
             self.process = None
         for push in self.pushes.values():
             push.close()
@@ -503,7 +495,7 @@ class GrpcPeer:
             except OSError:
                 pass
             if self.process.pid is not None:
-                _stop_process(self.process, self.timeout_s)
+                stop_process(self.process, self.timeout_s)
             else:
                 self.process.close()
             self.process = None

@@ -2,7 +2,7 @@
 
 N synthetic workers (processes without JAX, N = 1, 2, 4, 8; ``--quick``: 1, 2) push the same
 update in a loop, as fast as their push permits allow, to real shard processes
-(:class:`bench._shard_peer.ShardPeer`) through dsgd's own :class:`~dsgd.client.ShardClient`:
+(:class:`bench._shard_peer.ShardPeer`) through dsgd's own :class:`~dsgd.shard.client.ShardClient`:
 every worker push is cut into 1 MiB chunk messages per shard, sent zero-copy, applied (SGD)
 and acknowledged, with at most ``max_inflight`` (4) unacknowledged pushes per worker and
 shard, as in training. Three set-ups:
@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 import zmq.asyncio
 
+from bench._common import SPAWN, stop_process
 from bench._measure import Bench, MiB, Record, make_record
-from bench._shard_peer import FINGERPRINT, SPAWN, ShardPeer, stop_process
+from bench._shard_peer import FINGERPRINT, ShardPeer
 from dsgd import wire
-from dsgd.client import ShardClient
 from dsgd.codec import Encoded
+from dsgd.shard.client import PushResult, ShardClient
+from dsgd.wire import AckStatus
 
 SUITE = "ps"
 READY = "ready"
@@ -138,16 +140,15 @@ async def _push_until_stopped(
             max_inflight=job.max_inflight,
             ack_timeout=job.timeout_s,
             fetch_timeout=job.timeout_s,
-            incarnation=incarnation,
         )
         for shard_id, data, pub, _ in job.shards
     ]
     counts = {"pushes": 0, "chunks_applied": 0, "chunks_not_applied": 0}
 
-    def on_done(seq: int, statuses: list[str]) -> None:
-        applied = sum(status == "applied" for status in statuses)
+    def on_done(result: PushResult) -> None:
+        applied = sum(status == AckStatus.APPLIED for status in result.statuses)
         counts["chunks_applied"] += applied
-        counts["chunks_not_applied"] += len(statuses) - applied
+        counts["chunks_not_applied"] += len(result.statuses) - applied
 
     stop: asyncio.Future[Any] | None = None
     try:
@@ -170,12 +171,12 @@ async def _push_until_stopped(
                     incarnation=incarnation,
                 )
                 if update.indices is None:
-                    messages = list(wire.dense_chunks(template, update.values, job.chunk_bytes))
+                    chunks = list(wire.dense_chunks(template, update.values, job.chunk_bytes))
                 else:
-                    messages = list(
+                    chunks = list(
                         wire.sparse_chunks(template, update.indices, update.values, job.chunk_bytes)
                     )
-                if await client.push(seq, messages, on_done, job.timeout_s):
+                if await client.push(seq, chunks, on_done, job.timeout_s):
                     counts["pushes"] += 1
         for client in clients:
             await asyncio.wait_for(client.drain(), job.timeout_s)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench._common import pyplot, write_json
 from bench._measure import REQUIRED_FIELDS, MiB, Record, human_bytes
 
 # The ceilings every chart draws and every ratio refers to.
@@ -245,18 +245,9 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_chunks(records: list[Record], path: Path) -> None:
     """Throughput vs chunk size, one panel per (suite, transport), ceilings drawn in."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = ((r["suite"], r["transport"]) for r in records if r["suite"] not in NOT_CHUNK_SWEEPS)
     panels = list(dict.fromkeys(keys))
     ceiling, memcpy = tcp_ceiling(records), memcpy_ceiling(records)
@@ -314,7 +305,7 @@ def plot_ps(records: list[Record], path: Path) -> bool:
     rows = [r for r in records if r["suite"] == "ps" and "workers" in r]
     if not rows:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     rates = all("pushes_per_s" in r for r in rows)
     fig, axes = plt.subplots(1, 2 if rates else 1, figsize=(15 if rates else 8, 5), squeeze=False)
     ax = axes[0][0]
@@ -364,7 +355,7 @@ def plot_ps(records: list[Record], path: Path) -> bool:
 def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     """JSON (strict: no NaN or Inf), markdown, and the charts; the paths written."""
     written = [out / JSON_NAME, out / MARKDOWN_NAME, out / CHUNKS_PNG]
-    written[0].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    write_json(written[0], doc)
     written[1].write_text(markdown(doc))
     plot_chunks(doc["records"], written[2])
     if plot_ps(doc["records"], out / PS_PNG):

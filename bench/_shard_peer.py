@@ -2,13 +2,13 @@
 
 The dsgd-path and parameter-server suites measure dsgd's own classes, not a model of them:
 
-* :class:`ShardPeer` spawns a process running a real :class:`dsgd.shard.ShardServer` (SGD,
+* :class:`ShardPeer` spawns a process running a real :class:`dsgd.shard.server.ShardServer` (SGD,
   one contiguous range, its own event loop and its own GIL, as in a cluster) and answers
   ``stats`` requests from a thread of that process, so the counters can be read while
   the shard's loop is saturated;
-* :class:`Pusher` drives a real :class:`dsgd.client.ShardClient` from a private event
+* :class:`Pusher` drives a real :class:`dsgd.shard.client.ShardClient` from a private event
   loop, one ``run_until_complete`` per timed operation, and pushes the way
-  :meth:`dsgd.replica.Worker.push` does: encode with a :class:`dsgd.codec.SparseEncoder`,
+  :meth:`dsgd.worker.replica.Replica.push` does: encode with a :class:`dsgd.codec.SparseEncoder`,
   cut into chunk messages with :mod:`dsgd.wire`, push under a permit, wait for every ack.
 
 Every process reports readiness (never a sleep) and is stopped, reaped and closed on exit.
@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import zmq.asyncio
 
+from bench._common import SPAWN, stop_process
 from dsgd import wire
-from dsgd.client import ShardClient
 from dsgd.codec import Encoded
 from dsgd.optim import SGD
-from dsgd.shard import ShardServer, ShardState
+from dsgd.shard.client import PushResult, ShardClient
+from dsgd.shard.core import ShardCore, ShardState
+from dsgd.shard.server import ShardServer
 
-SPAWN = mp.get_context("spawn")
 FINGERPRINT = 0x0D56_D0BE_0C4E  # both ends of the benchmark use it
 STATS = "stats"
 STOP = "stop"
@@ -58,18 +59,16 @@ async def _serve_shard(
     optimizer = SGD(lr)
     params = np.full(size, 0.0, np.float32)  # np.full writes every page: faulted in now
     state = ShardState(params, optimizer.init(size))
-    server = ShardServer(shard_id, FINGERPRINT, optimizer, state, chunk_bytes=chunk_bytes)
-    async with server:
-        serving = asyncio.create_task(server.serve(), name="bench-shard")
+    core = ShardCore(shard_id, FINGERPRINT, optimizer, state, chunk_bytes=chunk_bytes)
+    async with ShardServer(core) as server:
         conn.send((server.data_address, server.pub_address))
         # A thread answers stats requests: a saturated shard loop never yields to other
         # tasks (a zmq.asyncio recv that finds a message queued completes without
         # suspending), but it does hand the GIL over every switch interval.
-        await asyncio.to_thread(_answer_requests, conn, server)
-    await asyncio.wait_for(serving, 10)
+        await asyncio.to_thread(_answer_requests, conn, core)
 
 
-def _answer_requests(conn: mp.connection.Connection, server: ShardServer) -> None:
+def _answer_requests(conn: mp.connection.Connection, core: ShardCore) -> None:
     while True:
         try:
             request = conn.recv()
@@ -77,9 +76,9 @@ def _answer_requests(conn: mp.connection.Connection, server: ShardServer) -> Non
             return
         if request != STATS:
             return
-        counters = server.counters
+        counters = core.counters
         snapshot = {name: counters.get(name, 0) for name in COUNTERS}
-        snapshot["version"] = server.state.version
+        snapshot["version"] = core.state.version
         snapshot["time"] = time.monotonic()
         conn.send(snapshot)
 
@@ -158,14 +157,6 @@ class ShardPeer:
         self.close()
 
 
-def stop_process(process: Any, timeout_s: float) -> None:
-    process.join(timeout=timeout_s)
-    if process.is_alive():
-        process.kill()
-        process.join(timeout=timeout_s)
-    process.close()
-
-
 class Pusher:
     """One worker's connection to one shard: a :class:`ShardClient` on a private loop.
 
@@ -198,7 +189,6 @@ class Pusher:
             self.ctx,
             ack_timeout=timeout_s,
             fetch_timeout=timeout_s,
-            incarnation=self.incarnation,
         )
         try:
             self.loop.run_until_complete(self.client.start())
@@ -218,7 +208,7 @@ class Pusher:
         return version
 
     async def _push(self, encode: Callable[[], Encoded]) -> None:
-        encoded = encode()  # what Worker.push does, minus its bookkeeping for resends
+        encoded = encode()  # what Replica.push does, minus giving back what was lost
         self.seq += 1
         template = wire.Header(
             kind=wire.PUSH,
@@ -230,21 +220,17 @@ class Pusher:
             incarnation=self.incarnation,
         )
         if encoded.indices is None:
-            messages = list(wire.dense_chunks(template, encoded.values, self.chunk_bytes))
+            chunks = list(wire.dense_chunks(template, encoded.values, self.chunk_bytes))
         else:
-            messages = list(
+            chunks = list(
                 wire.sparse_chunks(template, encoded.indices, encoded.values, self.chunk_bytes)
             )
-        done: asyncio.Future[list[str]] = self.loop.create_future()
-
-        def on_done(seq: int, statuses: list[str]) -> None:
-            done.set_result(statuses)
-
-        if not await self.client.push(self.seq, messages, on_done, self.timeout_s):
+        done: asyncio.Future[PushResult] = self.loop.create_future()
+        if not await self.client.push(self.seq, chunks, done.set_result, self.timeout_s):
             raise TimeoutError("no push permit freed in time")
-        statuses = await done
-        if any(status != "applied" for status in statuses):
-            raise RuntimeError(f"push {self.seq} not applied: {sorted(set(statuses))}")
+        result = await done
+        if not result.complete:
+            raise RuntimeError(f"push {self.seq} not applied: {result.statuses}")
         self.version += 1
 
     def close(self) -> None:

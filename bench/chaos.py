@@ -35,11 +35,10 @@ from typing import Any
 import grpc
 import zmq
 
+from bench._common import ROOT, pyplot, write_json
 from dsgd import wire
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class VersionWatch(threading.Thread):
@@ -215,7 +214,7 @@ def detection(out: Path) -> dict[str, Any]:
         while not ready.exists():
             time.sleep(0.05)
         address = json.loads(ready.read_text())["address"]
-        start("dsgd.server", "--coordinator", address, "--shard-id", "0")
+        start("dsgd.shard", "--coordinator", address, "--shard-id", "0")
         worker_ready = tmp / "worker.ready"
         worker_ready.unlink(missing_ok=True)
         worker = start("dsgd.worker", "--coordinator", address, "--ready-file", str(worker_ready))
@@ -243,10 +242,7 @@ def detection(out: Path) -> dict[str, Any]:
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4))
     history = result["history"]
@@ -285,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_detection:
         result["detection"] = detection(args.out)
     result["settings"] = vars(args) | {"out": str(args.out)}
-    (args.out / "chaos.json").write_text(json.dumps(result, indent=2))
+    write_json(args.out / "chaos.json", result, strict=False)
     chart(result, args.out / "chaos.png")
     s = result["summary"]
     lines = [

@@ -14,12 +14,12 @@ log-loss against the planted teacher's. Writes ctr_sparse.json/.md/.png into --o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import dsgd
+from bench._common import pyplot, write_json
 
 MODEL = "dsgd.examples.ctr:ctr_embedding"
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     actual = record["bytes_pushed_per_step"] + record["bytes_fetched_per_step"]
     dense = record["dense_pushed_per_step"] + record["dense_fetched_per_step"]
     record["reduction"] = dense / max(actual, 1)
-    (args.out / "ctr_sparse.json").write_text(json.dumps(record, indent=2))
+    write_json(args.out / "ctr_sparse.json", record, strict=False)
     text = (
         f"# Sparse vs dense bytes per worker step ({MODEL}, density {args.density:g}, "
         f"{args.workers} workers, {s['steps']} steps)\n\n"
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chart(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     labels = ["pushed", "fetched"]

@@ -12,7 +12,6 @@ Writes density.json, density.md and density.png into --out (default bench/result
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import dsgd
+from bench._common import pyplot, write_json
 
 
 def run_one(model: str, density: float, seed: int, steps: int, workers: int) -> dict[str, Any]:
@@ -101,10 +101,7 @@ def markdown(rows: list[dict[str, Any]], model: str, steps: int) -> str:
 
 
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [r["density"] for r in rows]
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "summary": rows,
     }
-    (args.out / "density.json").write_text(json.dumps(out, indent=2))
+    write_json(args.out / "density.json", out, strict=False)
     text = markdown(rows, args.model, args.steps)
     (args.out / "density.md").write_text(text)
     chart(rows, args.out / "density.png")

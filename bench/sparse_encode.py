@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -40,6 +38,7 @@ import zmq
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import SPAWN, pyplot, write_json
 from dsgd import wire
 from dsgd.codec import CodecConfig, SparseEncoder
 
@@ -132,7 +131,7 @@ class Link:
         self.acks.rcvtimeo = RECEIVE_TIMEOUT_MS
         port = self.push.bind_to_random_port("tcp://127.0.0.1")
         ack_port = self.acks.bind_to_random_port("tcp://127.0.0.1")
-        self.process = mp.get_context("spawn").Process(
+        self.process = SPAWN.Process(
             target=receive,
             args=(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{ack_port}", size, chunk_bytes),
             daemon=True,
@@ -141,10 +140,10 @@ class Link:
         if self.acks.recv() != READY:
             raise RuntimeError("receiver did not report ready")
 
-    def send(self, messages: Any) -> None:
-        """Send every message, then wait until the receiver has taken the last one."""
-        for frames in messages:
-            self.push.send_multipart(frames, copy=False)
+    def send(self, chunks: Any) -> None:
+        """Send every chunk, then wait until the receiver has taken the last one."""
+        for chunk in chunks:
+            self.push.send_multipart(chunk.frames, copy=False)
         self.acks.recv()
 
     def close(self) -> None:
@@ -249,10 +248,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def plot(records: list[dict[str, Any]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["name"] for r in records]
     medians = np.array([r["seconds_median"] for r in records]) * 1e3
@@ -295,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "records": records,
     }
-    (args.out / "sparse_encode.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out / "sparse_encode.json", result, strict=False)
     title = f"{args.size:,} float32 at density {args.density}: encode vs dense send"
     plot(records, title, args.out / "sparse_encode.png")
     for r in records:

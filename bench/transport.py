@@ -159,7 +159,7 @@ def ceiling_suite(bench: Bench) -> Iterator[Record]:
 def _dense_messages(values: np.ndarray, chunk: int) -> Callable[[], Iterator[list[Any]]]:
     """dsgd's own framing (:func:`dsgd.wire.dense_chunks`): header frame + raw frame."""
     template = wire.Header(kind=wire.PUSH, fingerprint=0, shard=0)
-    return lambda: wire.dense_chunks(template, values, chunk)
+    return lambda: (c.frames for c in wire.dense_chunks(template, values, chunk))
 
 
 def zmq_suite(bench: Bench) -> Iterator[Record]:

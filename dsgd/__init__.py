@@ -16,7 +16,6 @@ from dsgd.errors import (
     ModelError,
     PeerLost,
     ProtocolError,
-    Stale,
 )
 from dsgd.layout import Layout
 from dsgd.model import Dataset, ModelSpec, load_model, softmax_cross_entropy
@@ -31,7 +30,6 @@ __all__ = [
     "ModelError",
     "PeerLost",
     "ProtocolError",
-    "Stale",
     "TrainConfig",
     "TrainResult",
     "Dataset",

@@ -3,7 +3,7 @@
 dsgd start [--workers N] [--shards S] [--model MOD:ATTR] ...   (scripts/start_cluster.sh)
 dsgd status --coordinator HOST:PORT [--json]
 dsgd checkpoint save DIR --coordinator HOST:PORT
-dsgd coordinator|server|worker ...                              (same as python -m dsgd.ROLE)
+dsgd coordinator|shard|worker|evaluator ...                     (same as python -m dsgd.ROLE)
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from google.protobuf import json_format
 from dsgd.config import add_config_arguments, config_from_arguments
 from dsgd.control import CHANNEL_OPTIONS, check_address
 from dsgd.errors import DsgdError
-from dsgd.process import EXIT_USER_ERROR
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.report import status_table
+from dsgd.runtime import EXIT_USER_ERROR
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -97,7 +97,12 @@ def _checkpoint_save(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    roles = {"coordinator": "dsgd.coordinator", "server": "dsgd.server", "worker": "dsgd.worker"}
+    roles = {
+        "coordinator": "dsgd.coordinator.process",
+        "shard": "dsgd.shard.process",
+        "worker": "dsgd.worker.process",
+        "evaluator": "dsgd.evaluator",
+    }
     if argv and argv[0] in roles:
         import importlib
 
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("--timeout", type=float, default=600.0, help="seconds")
     save.set_defaults(func=_checkpoint_save)
     for role in roles:
-        commands.add_parser(role, help=f"run one {role} (see python -m {roles[role]} --help)")
+        runs = roles[role].removesuffix(".process")
+        commands.add_parser(role, help=f"run one {role} (see python -m {runs} --help)")
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

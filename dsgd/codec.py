@@ -281,7 +281,7 @@ class SparseEncoder:
 
         Raises ``FloatingPointError`` when the accumulated update holds NaN or Inf; the
         non-finite entries are then zeroed in the residual, nothing else is sent, and
-        the caller decides what to do with the rest (typically :meth:`reset`).
+        the caller decides what to do with the rest.
         """
         checked = None if update is None else self._check(update)
         if density is None:
@@ -333,10 +333,6 @@ class SparseEncoder:
             raise ValueError(f"{values.size} values at offset {offset} overflow {self.size}")
         self._values()[offset : offset + values.size] += to_float32(values)
         self._finite = False
-
-    def reset(self) -> None:
-        """Forget everything accumulated and not sent (after a divergence or a restore)."""
-        self._zeroed = self._finite = True
 
     def _check(self, update: FlatParams) -> FlatParams:
         """``update`` as a contiguous float32 vector of this range (copied only if needed)."""

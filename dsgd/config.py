@@ -38,6 +38,7 @@ class TrainConfig:
     max_steps: int = 0  # per worker; 0: no limit
     seed: int = 0
     eval_every: float = 1.0  # seconds between evaluations of the test split
+    evaluator: bool = True  # an evaluator judges the target (workers start after its first)
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.5
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -50,16 +51,21 @@ class TrainConfig:
     checkpoint_keep: int = 3  # checkpoints kept per shard
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
         for f in fields(self):
             value = getattr(self, f.name)
             allowed = _FIELD_TYPES[str(f.type)]
             if type(value) not in allowed:  # bool is not an int here
                 kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
                 raise ConfigError(f"{_flag(f.name)} must be of type {kinds}, got {value!r}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """One line per rule; the first broken one is the error (naming its flag). Longer
+        than most functions on purpose: one flat list of rules is easier to check by eye."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
 
         need(
             ":" in self.model,
@@ -147,8 +153,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "float": (int, float),
     "float | None": (int, float, type(None)),
     "str": (str,),
+    "bool": (bool,),
 }
-_FLAGS = {"num_workers": "--workers", "num_shards": "--shards"}
+_FLAGS = {"num_workers": "--workers", "num_shards": "--shards", "evaluator": "--no-evaluator"}
 
 
 def _flag(name: str) -> str:
@@ -187,6 +194,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-steps", type=int, default=d.max_steps, help="step budget per worker (0: none)")
     add("--seed", type=int, default=d.seed, help="seed of initial parameters and batches")
     add("--eval-every", type=float, default=d.eval_every, help="seconds between evaluations")
+    add(
+        "--no-evaluator",
+        dest="evaluator",
+        action="store_false",
+        help="run without an evaluator (the run then ends on its budgets only)",
+    )
     add("--heartbeat-interval", type=float, default=d.heartbeat_interval, help="seconds")
     add("--heartbeat-timeout", type=float, default=d.heartbeat_timeout, help="seconds")
     add("--chunk-bytes", type=int, default=d.chunk_bytes, help="payload bytes per message")

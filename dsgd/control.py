@@ -9,23 +9,28 @@ is unreachable the link says so ("waiting for coordinator at ... since 12 s").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dsgd.errors import ConfigError, PeerLost
+from dsgd.errors import ConfigError, ModelError, PeerLost
+from dsgd.layout import Layout
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.stats import RateLimitedLog
+from dsgd.types import FlatParams, ShardInfo
 
 log = logging.getLogger("dsgd.control")
 
 T = TypeVar("T")
 RPC_TIMEOUT = 5.0
+UPLOAD_TIMEOUT = 300.0  # seconds for streaming a model's initial parameters
+TENSOR_CHUNK_ELEMENTS = (1 << 20) // 4  # 1 MiB of float32 per streamed message
 MAX_MESSAGE_BYTES = 8 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -63,43 +68,65 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
             except Exception as exc:  # DecodeError and friends: the peer sent garbage
                 return _Undecodable(f"{type(exc).__name__}: {exc}")
 
-        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-            key = "undecodable"
-            self.counters[key] = self.counters.get(key, 0) + 1
-            self._log.warning(key, f"refused an undecodable {details.method} request")
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request is not a valid {details.method} message ({request.error[:100]})",
-            )
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, _Undecodable):
+                key = "undecodable"
+                self.counters[key] = self.counters.get(key, 0) + 1
+                self._log.warning(key, f"refused an undecodable {details.method} request")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request is not a valid {details.method} message ({request.error[:100]})",
+                )
 
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                return await unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=safe_decode,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                async for item in stream(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=safe_decode,
-                response_serializer=handler.response_serializer,
-            )
+        for kind, wrap in _WRAPPERS.items():
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                make = getattr(grpc, f"{kind}_rpc_method_handler")
+                return make(
+                    wrap(behaviour, check),
+                    request_deserializer=safe_decode,
+                    response_serializer=handler.response_serializer,
+                )
         return handler
+
+
+Check = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
+
+
+def _unary_unary(behaviour: Any, check: Check) -> Any:
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await check(request, context)
+        return await behaviour(request, context)
+
+    return checked
+
+
+def _unary_stream(behaviour: Any, check: Check) -> Any:
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await check(request, context)
+        async for item in behaviour(request, context):
+            yield item
+
+    return checked
+
+
+def _stream_unary(behaviour: Any, check: Check) -> Any:
+    async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def each() -> AsyncIterator[Any]:
+            async for request in requests:
+                await check(request, context)
+                yield request
+
+        return await behaviour(each(), context)
+
+    return checked
+
+
+_WRAPPERS = {
+    "unary_unary": _unary_unary,
+    "unary_stream": _unary_stream,
+    "stream_unary": _stream_unary,
+}
 
 
 async def start_grpc_server(
@@ -193,6 +220,52 @@ class CoordinatorLink:
             self.reachable = True
             return reply
 
+    async def register(
+        self,
+        rpc: Callable[..., Awaitable[T]],
+        request: Any,
+        stop: asyncio.Event,
+        initial: Callable[[], FlatParams],
+        what: str,
+    ) -> T | None:
+        """Register (``rpc(request)``) until the cluster is ready for this member.
+
+        Uploads the initial parameters (``initial()``) when the coordinator asks for
+        them, says what the cluster is waiting for every few seconds, and returns None
+        if ``stop`` is set first. A refusal is a one-line ConfigError.
+        """
+        waited_since = time.monotonic()
+        last_report = 0.0
+        while not stop.is_set():
+            try:
+                reply: Any = await self.call(rpc, request, what)
+            except grpc.aio.AioRpcError as exc:
+                raise ConfigError(f"the coordinator refused {what}: {exc.details()}") from None
+            if reply.ready:
+                return reply
+            if reply.send_initial:
+                await self.upload_initial(request.layout.fingerprint, initial())
+                continue
+            now = time.monotonic()
+            if now - last_report > 5.0 and now - waited_since > 1.0:
+                log.info("waiting for %s", reply.waiting_for)
+                last_report = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+        return None
+
+    async def upload_initial(self, fingerprint: int, flat: FlatParams) -> None:
+        """Stream the model's initial parameters to the coordinator (1 MiB pieces)."""
+        try:
+            await self.stub.UploadInitial(
+                tensor_chunks("params", flat, fingerprint), timeout=UPLOAD_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return  # registering again says whether it is still wanted
+            refusal = f"the coordinator refused the initial parameters: {exc.details()}"
+            raise ModelError(refusal) from None
+
     async def heartbeat_once(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply | None:
         """One heartbeat; None when the coordinator is unreachable (training goes on)."""
         try:
@@ -213,6 +286,54 @@ class CoordinatorLink:
 
     async def aclose(self) -> None:
         await self.channel.close()
+
+
+def tensor_chunks(name: str, values: FlatParams, fingerprint: int = 0) -> Iterator[pb.TensorChunk]:
+    """``values`` as TensorChunk messages of at most 1 MiB each (one even when empty)."""
+    for start in range(0, max(values.size, 1), TENSOR_CHUNK_ELEMENTS):
+        piece = values[start : start + TENSOR_CHUNK_ELEMENTS]
+        yield pb.TensorChunk(
+            name=name,
+            offset=start,
+            total=values.size,
+            data=piece.tobytes(),
+            layout_fingerprint=fingerprint,
+        )
+
+
+def layout_message(layout: Layout) -> pb.ModelLayout:
+    return pb.ModelLayout(
+        paths=layout.paths,
+        shapes=[pb.LeafShape(dims=shape) for shape in layout.shapes],
+        num_shards=layout.num_shards,
+        fingerprint=layout.fingerprint,
+    )
+
+
+def layout_from_message(message: pb.ModelLayout) -> Layout:
+    """The :class:`Layout` a member described (without JAX: it cannot unflatten)."""
+    layout = Layout(
+        tuple(message.paths),
+        tuple(tuple(int(d) for d in shape.dims) for shape in message.shapes),
+        int(message.num_shards),
+    )
+    if len(layout.paths) != len(layout.shapes) or not layout.paths:
+        raise ValueError("a layout needs one shape per leaf path, and at least one leaf")
+    if any(d < 0 for shape in layout.shapes for d in shape) or layout.size < 1:
+        raise ValueError("a layout's shapes must be non-negative and hold parameters")
+    if not 1 <= layout.num_shards <= layout.size:
+        raise ValueError(f"cannot split {layout.size} parameters over {layout.num_shards} shards")
+    if layout.fingerprint != message.fingerprint:
+        raise ValueError("the layout's fingerprint does not match its paths and shapes")
+    return layout
+
+
+def shard_infos(endpoints: Any) -> list[ShardInfo]:
+    """ShardInfo tuples from ShardEndpoint messages."""
+    return [
+        ShardInfo(e.shard_id, e.data_address, e.pub_address, e.start, e.stop, e.incarnation)
+        for e in endpoints
+    ]
 
 
 def stats_message(stats: dict[str, Any]) -> pb.MemberStats:

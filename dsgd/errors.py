@@ -1,6 +1,9 @@
-"""Exceptions, named for what happened."""
+"""Exceptions, named for what happened. Transport-neutral: the gRPC service maps
+:class:`Refused` to status codes, the shard's checks answer on the data plane."""
 
 from __future__ import annotations
+
+import enum
 
 
 class DsgdError(Exception):
@@ -23,10 +26,6 @@ class ProtocolError(DsgdError):
     """A message on the wire is malformed: wrong kind, version, sizes, dtype or values."""
 
 
-class Stale(DsgdError):
-    """An update was computed from parameters too old to apply under the staleness policy."""
-
-
 class Closed(DsgdError):
     """The resource was closed by us."""
 
@@ -37,3 +36,24 @@ class PeerLost(DsgdError):
 
 class CheckpointError(DsgdError):
     """A checkpoint is missing, truncated, corrupted or from another model."""
+
+
+class TaskCrashed(DsgdError):
+    """A task of a dsgd process ended with an unexpected exception (the message names it)."""
+
+
+class Refusal(enum.Enum):
+    """Why a request was refused, in terms a caller can act on."""
+
+    INVALID = "invalid"  # the request is malformed or out of range: fix it
+    MISMATCH = "mismatch"  # it contradicts the cluster (another model, protocol, state)
+    EXHAUSTED = "exhausted"  # the cluster has no room for it
+    UNAVAILABLE = "unavailable"  # not now: retry later
+
+
+class Refused(DsgdError):
+    """A request refused with a one-line reason (the service turns it into a status)."""
+
+    def __init__(self, why: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.why = why

@@ -1,7 +1,7 @@
 """``dsgd.train``: a whole local cluster inside one Python process, for notebooks and tests.
 
-The coordinator, every shard and every worker run in their own thread with their own
-event loop, talking over real sockets on 127.0.0.1 exactly as separate processes
+The coordinator, every shard, the evaluator and every worker run in their own thread
+with their own event loop, talking over real sockets on 127.0.0.1 exactly as separate processes
 would. Unlike ``scripts/start_cluster.sh``, the model may be a :class:`ModelSpec`
 object defined in the notebook itself (nothing is pickled or re-imported).
 """
@@ -18,14 +18,16 @@ from typing import Any
 from google.protobuf import json_format
 
 from dsgd.config import TrainConfig
-from dsgd.coordinator import Coordinator, run_coordinator
+from dsgd.coordinator.process import run_coordinator
 from dsgd.errors import DsgdError
+from dsgd.evaluator import run_evaluator
 from dsgd.layout import Layout
 from dsgd.model import ModelSpec, load_model
 from dsgd.report import summarize
-from dsgd.server import run_shard
-from dsgd.types import PyTree
-from dsgd.worker import run_worker
+from dsgd.runtime import root_cause
+from dsgd.shard.process import run_shard
+from dsgd.types import FlatParams, PyTree
+from dsgd.worker.process import run_worker
 
 JOIN_TIMEOUT = 60.0
 
@@ -61,8 +63,8 @@ class _Role(threading.Thread):
 
         try:
             self.result = asyncio.run(body())
-        except BaseException as exc:  # reported by train()
-            self.error = exc
+        except BaseException as exc:  # reported by train(), a task group's failure unwrapped
+            self.error = root_cause(exc)
         finally:
             self.started_event.set()
 
@@ -100,24 +102,16 @@ def train(
         address.append(addr)
         port_ready.set()
 
-    async def coordinator_main(stop: asyncio.Event) -> Coordinator:
-        return await run_coordinator(
-            config, stop, spec=spec, linger=JOIN_TIMEOUT, on_ready=announce
-        )
+    async def coordinator_main(stop: asyncio.Event) -> Any:
+        return await run_coordinator(config, stop, linger=JOIN_TIMEOUT, on_ready=announce)
 
     coordinator = _Role("dsgd-coordinator", coordinator_main)
     coordinator.start()
     while not port_ready.wait(0.05):
         if not coordinator.is_alive():
             raise coordinator.error or DsgdError("the coordinator did not start")
-    roles: list[_Role] = []
-    addr = address[0]
+    roles = _member_roles(address[0], config, spec)
     try:
-        roles += [_Role(f"dsgd-shard{k}", partial(run_shard, addr, k)) for k in range(num_shards)]
-        roles += [
-            _Role(f"dsgd-worker{k}", partial(run_worker, addr, spec=spec, worker_id=k))
-            for k in range(num_workers)
-        ]
         for role in roles:
             role.start()
         coordinator.join()
@@ -132,19 +126,34 @@ def train(
     for role in [coordinator, *roles]:
         if role.error is not None:
             raise role.error
-    final: Coordinator = coordinator.result
-    status = final.status()
-    summary = summarize(status, status.elapsed_seconds)
-    if final.final_params is None:
-        raise DsgdError(f"the run ended without final parameters: {final.done_reason}")
-    layout: Layout = final.layout
+    final, params = coordinator.result
+    return _result(final.status(), params, Layout.from_pytree(spec.init_params, num_shards))
+
+
+def _member_roles(address: str, config: TrainConfig, spec: ModelSpec) -> list[_Role]:
+    """The shards, the evaluator and the workers of an in-process cluster (not started)."""
+    roles = [
+        _Role(f"dsgd-shard{k}", partial(run_shard, address, k)) for k in range(config.num_shards)
+    ]
+    if config.evaluator:
+        roles.append(_Role("dsgd-evaluator", partial(run_evaluator, address, spec=spec)))
+    roles += [
+        _Role(f"dsgd-worker{k}", partial(run_worker, address, spec=spec, worker_id=k))
+        for k in range(config.num_workers)
+    ]
+    return roles
+
+
+def _result(status: Any, params: FlatParams | None, layout: Layout) -> TrainResult:
+    if params is None:
+        raise DsgdError(f"the run ended without final parameters: {status.done_reason}")
     history = [
         {"elapsed_seconds": h.elapsed_seconds, "test_accuracy": h.test_accuracy, **h.metrics}
         for h in status.history
     ]
     return TrainResult(
-        params=layout.unflatten(final.final_params),
+        params=layout.unflatten(params),
         history=history,
-        summary=summary,
+        summary=summarize(status, status.elapsed_seconds),
         status=json_format.MessageToDict(status, preserving_proto_field_name=True),
     )

@@ -13,6 +13,7 @@ flat float32 vector the parameter server stores.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 from collections.abc import Callable, Iterator
@@ -194,14 +195,36 @@ class CompiledModel:
         return float(loss), np.asarray(grad)
 
     def evaluate(self, flat: FlatParams, batch_size: int = 1024) -> dict[str, float]:
-        """Metrics of ``flat`` on the held-out split, plus ``loss`` when the spec has one."""
+        """Metrics of ``flat`` on the held-out split, plus ``loss`` when the spec has one.
+
+        A model function that raises (``apply``, ``metrics``, ``loss``) is a ModelError
+        naming the function and the exception, in one line.
+        """
         data = self.spec.dataset
-        outs = [
-            np.asarray(self._outputs(flat, data.x_test[i : i + batch_size]))
-            for i in range(0, len(data.x_test), batch_size)
-        ]
+        with _blame("apply", self.spec.apply):
+            outs = [
+                np.asarray(self._outputs(flat, data.x_test[i : i + batch_size]))
+                for i in range(0, len(data.x_test), batch_size)
+            ]
         out = np.concatenate(outs)
-        result = dict(self.spec.metrics(out, data.y_test))
+        with _blame("metrics", self.spec.metrics):
+            metrics = dict(self.spec.metrics(out, data.y_test))
+            result = {str(k): float(v) for k, v in metrics.items()}
         if self.spec.loss is not None and "loss" not in result:
-            result["loss"] = float(self.spec.loss(out, data.y_test))
+            with _blame("loss", self.spec.loss):
+                result["loss"] = float(self.spec.loss(out, data.y_test))
         return result
+
+
+@contextlib.contextmanager
+def _blame(role: str, function: Any = None) -> Iterator[None]:
+    """Turn an exception raised by the model's ``role`` function into a one-line ModelError."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except Exception as exc:
+        name = getattr(function, "__qualname__", None) or role
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+        raise ModelError(f"the model's {role} function ({name}) raised {detail}") from exc

@@ -1,7 +1,7 @@
 """The launcher behind ``scripts/start_cluster.sh``: one process that runs a local cluster.
 
-It starts the coordinator, then the shards, then the workers, each as its own
-process on 127.0.0.1 with its own log file; prints live progress; restarts any
+It starts the coordinator, then the shards, the evaluator and the workers, each as its
+own process on 127.0.0.1 with its own log file; prints live progress; restarts any
 process that crashes (with backoff: a restarted shard resumes from its latest
 checkpoint, a restarted worker takes its old data partition, a restarted
 coordinator comes back on the same port and members re-register); and, when the run
@@ -14,12 +14,14 @@ Exit codes: 0 target reached, 1 a process failed for good, 2 a usage error,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -29,10 +31,10 @@ from google.protobuf import json_format
 
 from dsgd.config import TrainConfig
 from dsgd.errors import ConfigError, DsgdError
-from dsgd.process import EXIT_USER_ERROR
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.report import progress_line, summarize
+from dsgd.runtime import EXIT_USER_ERROR
 
 START_TIMEOUT = 120.0  # seconds for the coordinator to report ready (JAX import + compile)
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
@@ -97,12 +99,19 @@ class Child:
             self.log_file.close()
             self.log_file = None
 
-    def log_tail(self, lines: int = 15) -> str:
+    def log_lines(self, lines: int = 15) -> list[str]:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
-            return ""
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+            return []
+        return text.splitlines()[-lines:]
+
+    def error_line(self) -> str:
+        """The one-line error the process printed last (``dsgd ROLE: error: ...``), if any."""
+        for line in reversed(self.log_lines(50)):
+            if line.startswith("dsgd ") and ": error: " in line:
+                return line.split(": error: ", 1)[1]
+        return ""
 
 
 class Interrupted(Exception):
@@ -112,10 +121,16 @@ class Interrupted(Exception):
 
 
 class ChildFailed(DsgdError):
+    """A member failed for good: the message quotes its own error and its last log lines."""
+
     def __init__(self, message: str, child: Child) -> None:
-        tail = child.log_tail()
+        cause = child.error_line()
+        tail = "\n".join("    " + line for line in child.log_lines())
         super().__init__(
-            f"{message}; see {child.log_path}" + (f"\n  last lines:\n{tail}" if tail else "")
+            message
+            + (f": {cause}" if cause else "")
+            + f"; see {child.log_path}"
+            + (f"\n  last lines:\n{tail}" if tail else "")
         )
 
 
@@ -143,6 +158,8 @@ class Supervisor:
         self.coordinator_address = ""
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.CoordinatorStub | None = None
+        self._holding_signals = False
+        self._held_signal: int | None = None
 
     def say(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)  # noqa: T201
@@ -170,7 +187,26 @@ class Supervisor:
                 self._channel.close()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._holding_signals:
+            self._held_signal = signum
+            return
         raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def signals_held(self) -> Iterator[None]:
+        """Act on SIGINT/SIGTERM only once the block is done, so a process started inside it
+        is always recorded before a stop can interrupt: its child runs in a session of its
+        own, and a child the supervisor does not know about would outlive it. (Deferred
+        here rather than masked: a child inherits a blocked mask and would ignore SIGTERM.)
+        """
+        self._holding_signals = True
+        try:
+            yield
+        finally:
+            self._holding_signals = False
+            held, self._held_signal = self._held_signal, None
+            if held is not None:
+                raise Interrupted(held)
 
     def _run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,9 +244,11 @@ class Supervisor:
         for k in range(self.config.num_shards):
             self.spawn(
                 f"shard{k}",
-                [*python, "dsgd.server", *join, "--shard-id", str(k)]
+                [*python, "dsgd.shard", *join, "--shard-id", str(k)]
                 + ["--checkpoint-dir", str(self.checkpoint_dir)],
             )
+        if self.config.evaluator:
+            self.spawn("evaluator", [*python, "dsgd.evaluator", *join])
         for k in range(self.config.num_workers):
             self.spawn(f"worker{k}", [*python, "dsgd.worker", *join, "--worker-id", str(k)])
         status = self.watch()
@@ -218,8 +256,9 @@ class Supervisor:
 
     def spawn(self, name: str, argv: list[str]) -> Child:
         child = Child(name, argv, self.run_dir / f"{name}.log")
-        child.start()
-        self.children.append(child)
+        with self.signals_held():
+            child.start()
+            self.children.append(child)
         self.write_pids()
         return child
 
@@ -247,7 +286,8 @@ class Supervisor:
         for child in self.children:
             if child.restart_at is not None:
                 if now >= child.restart_at:
-                    child.start()
+                    with self.signals_held():
+                        child.start()
                     self.write_pids()
                 continue
             code = child.poll()
@@ -318,6 +358,9 @@ class Supervisor:
         if self.out is not None:
             self.out.write_text(line + "\n")
         print(line, flush=True)  # noqa: T201 - the summary is the program's output
+        if status.failed:
+            self.say(f"dsgd: error: {status.done_reason}")
+            return 1
         if status.reached_target or self.config.target_accuracy <= 0:
             return 0
         self.say(f"dsgd: target accuracy not reached ({status.done_reason})")

@@ -13,11 +13,6 @@ FlatParams: TypeAlias = npt.NDArray[np.float32]
 Indices: TypeAlias = npt.NDArray[np.uint32]
 """Positions relative to the start of a shard's range."""
 
-Version: TypeAlias = int
-"""A shard's update counter; it only grows within one incarnation of the shard."""
-
-ShardId: TypeAlias = int
-WorkerId: TypeAlias = int
 PyTree: TypeAlias = Any
 
 

@@ -24,11 +24,12 @@ checks the rest (fingerprint, range, finiteness).
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import msgpack
@@ -36,7 +37,7 @@ import numpy as np
 
 from dsgd.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_HEADER_BYTES = 4096
 MAX_FRAME_BYTES = 64 << 20
@@ -47,7 +48,7 @@ ACK = "ack"  # shard -> worker: what became of one push chunk
 FETCH = "fetch"  # worker -> shard: send me parameters (changed since `version`)
 PARAMS = "params"  # shard -> worker: a chunk of parameters
 VERSION = "version"  # shard -> all (PUB): my current version
-ERROR = "error"  # shard -> worker: your request was rejected (`status` says why)
+ERROR = "error"  # shard -> worker: your request was refused (`reason` says why)
 KINDS = frozenset({PUSH, ACK, FETCH, PARAMS, VERSION, ERROR})
 
 # encodings
@@ -61,6 +62,15 @@ VALUE_DTYPES: dict[str, np.dtype[Any]] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
 }
 INDEX_DTYPE = np.dtype("<u4")
+
+
+class AckStatus(enum.StrEnum):
+    """What became of one push chunk, as its ACK's ``status`` says."""
+
+    APPLIED = "applied"  # applied in place; the only status that changed anything
+    DUPLICATE = "duplicate"  # seen before (at-most-once): acknowledged, not applied again
+    STALE = "stale"  # dropped by the staleness policy
+    REJECTED = "rejected"  # refused; the ACK's ``reason`` says why
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
@@ -89,7 +99,8 @@ class Header:
     count: int = 0
     encoding: str = DENSE
     dtype: str = "float32"
-    status: str = ""  # ACK: applied | duplicate | stale | rejected: why; ERROR: why
+    status: str = ""  # ACK: an AckStatus value
+    reason: str = ""  # ACK (rejected) and ERROR: why the request was refused
     about: str = ""  # ERROR: the kind of the request it answers
     protocol: int = PROTOCOL_VERSION
 
@@ -209,10 +220,19 @@ def chunk_bounds(count: int, bytes_per_element: int, chunk_bytes: int) -> list[t
     return [(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
 
 
+class Chunk(NamedTuple):
+    """One message of a chunked update: ``frames`` carry ``[start, stop)`` of the arrays it
+    was cut from (so whoever sent it knows what to resend if it is lost)."""
+
+    start: int
+    stop: int
+    frames: list[Any]
+
+
 def dense_chunks(
     template: Header, values: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[list[Any]]:
-    """Messages carrying ``values`` (one shard's range, or part of it) densely.
+) -> Iterator[Chunk]:
+    """Chunks carrying ``values`` (one shard's range, or part of it) densely.
 
     ``template.offset`` is where ``values[0]`` sits in the shard's range.
     """
@@ -227,7 +247,7 @@ def dense_chunks(
             offset=template.offset + start,
             count=stop - start,
         )
-        yield encode(header, values[start:stop])
+        yield Chunk(start, stop, encode(header, values[start:stop]))
 
 
 def sparse_chunks(
@@ -235,8 +255,8 @@ def sparse_chunks(
     indices: np.ndarray,
     values: np.ndarray,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[list[Any]]:
-    """Messages carrying ``values`` at ``indices`` (relative to the shard range)."""
+) -> Iterator[Chunk]:
+    """Chunks carrying ``values`` at ``indices`` (relative to the shard range)."""
     if indices.shape != values.shape:
         raise ValueError("indices and values must have the same length")
     indices = np.asarray(indices, INDEX_DTYPE)
@@ -252,7 +272,7 @@ def sparse_chunks(
             offset=0,
             count=stop - start,
         )
-        yield encode(header, indices[start:stop], values[start:stop])
+        yield Chunk(start, stop, encode(header, indices[start:stop], values[start:stop]))
 
 
 # glibc mallopt parameters (malloc.h)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,13 +11,20 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zmq.asyncio
 
+from dsgd.config import TrainConfig
+from dsgd.control import layout_message, start_grpc_server
+from dsgd.coordinator.core import Coordinator
+from dsgd.coordinator.service import CoordinatorService
 from dsgd.optim import SGD, ServerOptimizerT
-from dsgd.shard import ShardServer, ShardState
+from dsgd.proto import control_pb2_grpc as pb_grpc
+from dsgd.shard.core import ShardCore, ShardState
+from dsgd.shard.server import ShardServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = 0x1234_5678_9ABC
@@ -37,9 +45,10 @@ async def make_shard(
     chunk_bytes: int = 1 << 16,
     seed: int = 0,
 ) -> ShardServer:
+    """A shard core with random parameters, served on 127.0.0.1 (close it with aclose())."""
     params = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
     opt = optimizer or SGD(0.1)
-    server = ShardServer(
+    core = ShardCore(
         0,
         FINGERPRINT,
         opt,
@@ -47,8 +56,32 @@ async def make_shard(
         staleness=staleness,
         chunk_bytes=chunk_bytes,
     )
-    await server.start()
+    server = ShardServer(core)
+    await server.start_serving()
     return server
+
+
+@contextlib.asynccontextmanager
+async def serve_coordinator(
+    config: TrainConfig, compiled: Any = None
+) -> AsyncIterator[tuple[Coordinator, str]]:
+    """A coordinator core behind its real gRPC service on 127.0.0.1, in this event loop;
+    with ``compiled`` (a CompiledModel) it already knows the model and its initial values."""
+    coordinator = Coordinator(config)
+    if compiled is not None:
+        coordinator.describe_model(layout_message(compiled.layout))
+        coordinator.accept_initial(compiled.layout.fingerprint, compiled.initial_flat())
+    server, port = await start_grpc_server(
+        "127.0.0.1",
+        0,
+        lambda s: pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), s),
+        "test coordinator",
+        coordinator.refused,
+    )
+    try:
+        yield coordinator, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=0.5)
 
 
 def run_dsgd(

@@ -166,8 +166,6 @@ def test_accumulating_first_sends_the_same_as_encoding_the_sum(case: Any) -> Non
         assert encoded.dense == other.dense
         np.testing.assert_array_equal(densify(encoder.size, encoded), densify(twin.size, other))
         np.testing.assert_array_equal(encoder.residual, twin.residual)
-    twin.reset()
-    assert not twin.residual.any()
 
 
 def test_ties_are_cut_to_exactly_k_lowest_positions_first() -> None:
@@ -265,13 +263,13 @@ def test_give_back_by_chunk_after_a_shard_died() -> None:
     encoded = encoder.encode(update)
     assert encoded.indices is not None
     template = wire.Header(kind=wire.PUSH, fingerprint=1, shard=0)
-    for frames in wire.sparse_chunks(template, encoded.indices, encoded.values, 4096):
+    for _, _, frames in wire.sparse_chunks(template, encoded.indices, encoded.values, 4096):
         _, (indices, values) = wire.decode([bytes(f) for f in frames])
         encoder.give_back(indices, values)
     np.testing.assert_array_equal(encoder.residual, update)
     dense = SparseEncoder(5000, CodecConfig(density=1.0, value_dtype="float16"))
     sent = dense.encode(update)
-    for frames in wire.dense_chunks(template, sent.values, 4096):
+    for _, _, frames in wire.dense_chunks(template, sent.values, 4096):
         header, (values,) = wire.decode([bytes(f) for f in frames])
         dense.give_back_dense(values, header.offset)
     np.testing.assert_array_equal(dense.residual, update)
@@ -358,7 +356,9 @@ def test_sparse_chunks_round_trip_through_the_wire(
     template = wire.Header(kind=wire.PUSH, fingerprint=9, shard=2, worker=1, seq=5)
     messages = [
         [bytes(f) for f in frames]
-        for frames in wire.sparse_chunks(template, encoded.indices, encoded.values, chunk_bytes)
+        for _, _, frames in wire.sparse_chunks(
+            template, encoded.indices, encoded.values, chunk_bytes
+        )
     ]
     assert len(messages) == nchunks + extra
     received_indices, received_values = [], []
@@ -381,7 +381,7 @@ def test_an_empty_push_is_still_one_message() -> None:
     encoded = SparseEncoder(10, CodecConfig(density=0.1)).encode(np.zeros(10, np.float32))
     assert encoded.indices is not None
     template = wire.Header(kind=wire.PUSH, fingerprint=1, shard=0)
-    (frames,) = wire.sparse_chunks(template, encoded.indices, encoded.values)
+    ((_, _, frames),) = wire.sparse_chunks(template, encoded.indices, encoded.values)
     header, (indices, values) = wire.decode([bytes(f) for f in frames])
     assert header.count == 0 and indices.size == 0 and values.size == 0
 

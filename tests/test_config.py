@@ -80,6 +80,7 @@ INVALID = [
     ("checkpoint_every", 0.0, "--checkpoint-every"),
     ("checkpoint_every", math.nan, "--checkpoint-every"),
     ("checkpoint_keep", 0, "--checkpoint-keep"),
+    ("evaluator", 1, "--no-evaluator"),  # a bool, not an int
 ]
 
 

@@ -17,7 +17,7 @@ import dsgd
 from dsgd.config import TrainConfig
 from dsgd.examples.digits import digits_mlp
 from dsgd.model import CompiledModel
-from dsgd.worker import worker_batches
+from dsgd.worker.replica import worker_batches
 from tests.conftest import ROOT, ProcessGroup, cluster_status
 
 MLP = "dsgd.examples.digits:digits_mlp"
@@ -103,33 +103,39 @@ def test_two_shards_three_worker_processes_reach_95_percent(tmp_path: Path) -> N
     assert len(summary["updates_applied"]) == 2 and min(summary["updates_applied"]) > 0
     assert "test acc" in proc.stderr  # progress was shown
     logs = sorted(p.name for p in (tmp_path / "run").glob("*.log"))
-    assert logs == ["coordinator.log", "shard0.log", "shard1.log"] + [
+    assert logs == ["coordinator.log", "evaluator.log", "shard0.log", "shard1.log"] + [
         f"worker{k}.log" for k in range(3)
     ]
 
 
+def wait_for_training(address: str, timeout: float = 90) -> dict:
+    """Wait until every registered worker has taken steps (the cluster is training)."""
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        status = cluster_status(address)
+        workers = [m for m in status.get("members", []) if m["role"] == "ROLE_WORKER"]
+        if workers and all(int(m.get("stats", {}).get("step", 0)) > 0 for m in workers):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"the cluster at {address} did not start training: {status}")
+
+
 def test_every_process_exits_cleanly_on_sigterm(processes: ProcessGroup) -> None:
     coordinator, address = processes.start_coordinator("--model", MLP, "--max-seconds", "120")
+    join = ("--coordinator", address)
     shard_ready = processes.tmp / "shard.ready"
     shard = processes.start(
-        "shard",
-        "dsgd.server",
-        "--coordinator",
-        address,
-        "--shard-id",
-        "0",
-        "--ready-file",
-        str(shard_ready),
+        "shard", "dsgd.shard", *join, "--shard-id", "0", "--ready-file", str(shard_ready)
     )
-    processes.start("shard1", "dsgd.server", "--coordinator", address, "--shard-id", "1")
+    processes.start("shard1", "dsgd.shard", *join, "--shard-id", "1")
+    evaluator = processes.start("evaluator", "dsgd.evaluator", *join)
     worker_ready = processes.tmp / "worker.ready"
-    worker = processes.start(
-        "worker", "dsgd.worker", "--coordinator", address, "--ready-file", str(worker_ready)
-    )
+    worker = processes.start("worker", "dsgd.worker", *join, "--ready-file", str(worker_ready))
     processes.wait_file(shard_ready, shard)
     processes.wait_file(worker_ready, worker)
-    time.sleep(1.0)  # let it train a little so that pushes are in flight
-    for proc in (worker, shard, coordinator):
+    wait_for_training(address)  # pushes are in flight
+    for proc in (worker, evaluator, shard, coordinator):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, processes.log(proc)
         assert "Traceback" not in processes.log(proc)
@@ -146,10 +152,11 @@ def test_supervisor_stops_the_cluster_on_sigterm(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while not (run_dir / "worker1.log").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(2.0)
+        ready = run_dir / "coordinator.ready"
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        wait_for_training(json.loads(ready.read_text())["address"])
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -198,6 +205,10 @@ def test_worker_with_unimportable_model_says_so(processes: ProcessGroup) -> None
 
 def test_worker_with_another_model_is_refused(processes: ProcessGroup) -> None:
     _, address = processes.start_coordinator("--model", MLP)
+    processes.start("evaluator", "dsgd.evaluator", "--coordinator", address)  # describes MLP
+    deadline = time.monotonic() + 60
+    while not cluster_status(address).get("num_params") and time.monotonic() < deadline:
+        time.sleep(0.2)
     worker = processes.start(
         "worker",
         "dsgd.worker",
@@ -207,13 +218,14 @@ def test_worker_with_another_model_is_refused(processes: ProcessGroup) -> None:
         "dsgd.examples.digits:digits_cnn",
     )
     assert worker.wait(timeout=60) == 2
-    assert "start the worker with the cluster's --model" in processes.log(worker)
+    assert "start it with the cluster's --model" in processes.log(worker)
 
 
 def test_status_command_prints_the_cluster_table(processes: ProcessGroup) -> None:
     _, address = processes.start_coordinator("--model", MLP)
-    processes.start("shard0", "dsgd.server", "--coordinator", address, "--shard-id", "0")
-    deadline = time.monotonic() + 30
+    processes.start("shard0", "dsgd.shard", "--coordinator", address, "--shard-id", "0")
+    processes.start("evaluator", "dsgd.evaluator", "--coordinator", address)  # describes MLP
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         status = cluster_status(address)
         if status.get("members") and "shard 1" in status.get("waiting_for", ""):

@@ -1,9 +1,10 @@
 """Property-based fuzzing of the data plane and the gRPC services: every peer is untrusted.
 
-Data plane: a live shard (real ZeroMQ sockets on 127.0.0.1) receives Hypothesis-generated
-malformed messages through a raw DEALER socket. Each message is a valid push broken in
-catalogued ways (``bench/fuzz_shard.py``: frames, every header field, sizes, indices,
-NaN/Inf, ...), so the reason the shard must give is known: each one must be answered,
+Data plane: a live shard (real ZeroMQ sockets on 127.0.0.1), and the shard's core on its
+own, receive Hypothesis-generated malformed messages. Each message is a valid push broken
+in catalogued ways (``tests/fuzzing/catalogue.py``: frames, every header field, sizes,
+indices, NaN/Inf, ...) and the core states the order of its checks, so the reason the
+shard must give is known: each one must be answered,
 counted under exactly that reason, and change nothing; after every batch the shard still
 serves a fetch of bit-identical parameters, its version and optimizer state unmoved.
 
@@ -13,8 +14,6 @@ too) and bytes that are not protobuf at all. Every call must succeed or fail wit
 deliberate status, never an unhandled exception (UNKNOWN, INTERNAL), and the server keeps
 serving, health check included. The shard's control service gets the same treatment.
 
-Tests marked ``xfail(strict=True)`` demonstrate bugs these fuzzers found; each reason
-says where and how to fix it, and the test passes once it is fixed.
 """
 
 from __future__ import annotations
@@ -41,17 +40,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bench import fuzz_shard as fuzz
+from bench import fuzz_shard
 from dsgd import wire
 from dsgd.config import TrainConfig
-from dsgd.control import CHANNEL_OPTIONS, start_grpc_server
-from dsgd.coordinator import Coordinator
+from dsgd.control import CHANNEL_OPTIONS, layout_message, start_grpc_server
+from dsgd.coordinator.core import Coordinator
 from dsgd.examples.digits import digits_mlp
 from dsgd.model import CompiledModel
 from dsgd.optim import SGD
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
-from dsgd.shard import ShardState
+from dsgd.shard.core import ShardState
+from tests.conftest import serve_coordinator
+from tests.fuzzing import catalogue as fuzz
+from tests.fuzzing.harness import CoreShard, FuzzedShard, LiveShard, initial_params
 
 T = TypeVar("T")
 
@@ -68,7 +70,7 @@ FUZZ = settings(
 
 
 class HypothesisDraw:
-    """The generator's choices (``bench.fuzz_shard.Draw``) made by Hypothesis, so it shrinks."""
+    """The generator's choices (``catalogue.Draw``) made by Hypothesis, so it shrinks."""
 
     def __init__(self, data: st.DataObject) -> None:
         self.data = data
@@ -94,17 +96,17 @@ class HypothesisDraw:
 
 
 @pytest.fixture
-async def shard() -> AsyncIterator[fuzz.LiveShard]:
-    async with fuzz.LiveShard() as live:
+async def shard() -> AsyncIterator[LiveShard]:
+    async with LiveShard() as live:
         yield live
 
 
-async def assert_intact(live: fuzz.LiveShard) -> None:
+async def assert_intact(live: FuzzedShard) -> None:
     checks = await live.verify()
     assert all(checks.values()), (checks, live.notes)
 
 
-async def fire_batches(live: fuzz.LiveShard, data: st.DataObject) -> None:
+async def fire_batches(live: FuzzedShard, data: st.DataObject) -> None:
     await live.revive()  # a shard killed by an earlier example must not fail this one
     draw = HypothesisDraw(data)
     for _ in range(data.draw(st.integers(1, 6), label="batch size")):
@@ -118,7 +120,7 @@ async def fire_batches(live: fuzz.LiveShard, data: st.DataObject) -> None:
 async def test_unbroken_messages_are_applied(data: st.DataObject) -> None:
     """The oracle's premise: before any fault, the generated message is a valid push."""
     draw = HypothesisDraw(data)
-    async with fuzz.LiveShard(optimizer=SGD(1e-30)) as live:  # tiny steps: no overflow
+    async with LiveShard(optimizer=SGD(1e-30)) as live:  # tiny steps: no overflow
         for seq in range(1, data.draw(st.integers(1, 4)) + 1):
             message = fuzz.base_message(draw)
             message.header["seq"] = seq
@@ -126,27 +128,37 @@ async def test_unbroken_messages_are_applied(data: st.DataObject) -> None:
             assert frames is not None, live.crashes
             reply = wire.unpack_header(frames[0])
             assert (reply.kind, reply.status) == (wire.ACK, "applied"), message.header
-        assert live.server is not None and live.server.state.version == seq
+        assert live.core.state.version == seq
 
 
 @settings(FUZZ, max_examples=200)
 @given(data=st.data())
 async def test_broken_messages_are_refused_for_their_reason_and_change_nothing(
-    shard: fuzz.LiveShard, data: st.DataObject
+    shard: LiveShard, data: st.DataObject
 ) -> None:
     await fire_batches(shard, data)
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=st.data())
+async def test_the_core_alone_refuses_broken_messages_for_their_reason(
+    data: st.DataObject,
+) -> None:
+    """The same catalogue straight at ShardCore.handle: the checks live in the core."""
+    async with CoreShard() as core:
+        await fire_batches(core, data)
 
 
 @pytest.mark.slow
 @settings(FUZZ, max_examples=2_500)
 @given(data=st.data())
-async def test_broken_messages_at_length(shard: fuzz.LiveShard, data: st.DataObject) -> None:
+async def test_broken_messages_at_length(shard: LiveShard, data: st.DataObject) -> None:
     await fire_batches(shard, data)
 
 
 @FUZZ
 @given(frames=st.lists(st.binary(max_size=2_000), min_size=1, max_size=8))
-async def test_random_frames_are_refused(shard: fuzz.LiveShard, frames: list[bytes]) -> None:
+async def test_random_frames_are_refused(shard: LiveShard, frames: list[bytes]) -> None:
     await shard.revive()
     message = fuzz.Message.of_frames([fuzz.not_a_header(frames[0]), *frames[1:]])
     outcome = await shard.probe(message, expected="malformed")
@@ -180,7 +192,7 @@ HEADERISH = st.dictionaries(
 @FUZZ
 @given(header=MSGPACK_VALUES | HEADERISH, payload=st.lists(st.binary(max_size=256), max_size=3))
 async def test_any_msgpack_header_but_a_valid_one_is_refused(
-    shard: fuzz.LiveShard, header: Any, payload: list[bytes]
+    shard: LiveShard, header: Any, payload: list[bytes]
 ) -> None:
     assume(not (isinstance(header, dict) and header.get("fingerprint") == fuzz.FINGERPRINT))
     await shard.revive()
@@ -193,7 +205,7 @@ async def test_any_msgpack_header_but_a_valid_one_is_refused(
 @FUZZ
 @given(data=st.data())
 async def test_a_shard_without_parameters_refuses_everything(data: st.DataObject) -> None:
-    async with fuzz.LiveShard(installed=False) as bare:
+    async with LiveShard(installed=False) as bare:
         draw = HypothesisDraw(data)
         for _ in range(data.draw(st.integers(1, 6))):
             outcome = await bare.probe(fuzz.malformed_message(draw))
@@ -201,9 +213,11 @@ async def test_a_shard_without_parameters_refuses_everything(data: st.DataObject
         await assert_intact(bare)
 
 
-def test_the_fuzz_benchmark_writes_its_counts(tmp_path: Path) -> None:
-    assert fuzz.main(["--messages", "300", "--seed", "5", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / fuzz.JSON_NAME).read_text())
+@pytest.mark.parametrize("target", [[], ["--core"]], ids=["live", "core"])
+def test_the_fuzz_benchmark_writes_its_counts(tmp_path: Path, target: list[str]) -> None:
+    args = ["--messages", "300", "--seed", "5", "--out", str(tmp_path), *target]
+    assert fuzz_shard.main(args) == 0
+    result = json.loads((tmp_path / fuzz_shard.JSON_NAME).read_text())
     assert result["messages"] == 300 and result["crashes"] == 0 and result["ok"]
     assert result["params_identical"] and sum(result["rejections"].values()) == 300
     assert result["rejections"] == result["expected_rejections"]
@@ -211,7 +225,7 @@ def test_the_fuzz_benchmark_writes_its_counts(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_ten_thousand_malformed_messages_at_a_live_shard() -> None:
-    result = await fuzz.run(10_000, seed=0)
+    result = await fuzz_shard.run(10_000, seed=0)
     assert result["crashes"] == 0 and result["hangs"] == 0, result["crash_reports"]
     assert result["unexpected_outcomes"] == 0, result["unexpected_examples"]
     assert result["params_identical"] and result["ok"], result["checks"]
@@ -243,7 +257,7 @@ def _push(values: np.ndarray | None = None, **fields: Any) -> list[Any]:
 
 
 async def test_a_frame_beyond_the_wire_limit_is_cut_off_by_the_transport(
-    shard: fuzz.LiveShard,
+    shard: LiveShard,
 ) -> None:
     assert shard.server is not None
     dealer = shard.ctx.socket(zmq.DEALER)
@@ -267,14 +281,14 @@ async def test_a_frame_beyond_the_wire_limit_is_cut_off_by_the_transport(
     await assert_intact(shard)
 
 
-async def test_a_push_claiming_a_negative_base_version_is_refused(shard: fuzz.LiveShard) -> None:
+async def test_a_push_claiming_a_negative_base_version_is_refused(shard: LiveShard) -> None:
     outcome = await shard.probe(fuzz.Message.of_frames(_push(base_version=-(2**62))))
     assert outcome.ok, outcome.describe()
     await assert_intact(shard)
 
 
 async def test_a_finite_push_that_would_overflow_the_optimizer_is_refused(
-    shard: fuzz.LiveShard,
+    shard: LiveShard,
 ) -> None:
     huge = np.full(4, np.finfo(np.float32).max, np.float32)
     outcome = await shard.probe(fuzz.Message.of_frames(_push(huge)))
@@ -325,23 +339,24 @@ def compiled() -> CompiledModel:
 async def live_coordinator(
     compiled: CompiledModel,
 ) -> AsyncIterator[tuple[Coordinator, grpc.aio.Channel]]:
-    """A coordinator on 127.0.0.1 that has evaluated once (so workers may join) and will not
-    evaluate again during the test (its shards are whatever the fuzzer registers)."""
+    """A coordinator that knows the model and has evaluated once (so workers may join);
+    its shards are whatever the fuzzer registers."""
     config = TrainConfig(model=MODEL, num_shards=NUM_SHARDS, eval_every=3600.0)
-    coordinator = Coordinator(config, compiled)
-    port = await coordinator.start()
-    coordinator.history.append(pb.Evaluation(test_accuracy=0.1))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-    try:
-        yield coordinator, channel
-    finally:
-        await channel.close()
-        await coordinator.aclose()
+    async with serve_coordinator(config, compiled) as (coordinator, address):
+        coordinator.history.append(pb.Evaluation(test_accuracy=0.1))
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        try:
+            yield coordinator, channel
+        finally:
+            await channel.close()
 
 
 def _rpc(channel: grpc.aio.Channel, method: Any, raw: bool) -> Any:
     path = f"/{method.containing_service.full_name}/{method.name}"
-    kind = channel.unary_stream if method.server_streaming else channel.unary_unary
+    if method.client_streaming:
+        kind = channel.stream_unary
+    else:
+        kind = channel.unary_stream if method.server_streaming else channel.unary_unary
     if raw:
         return kind(path)
     reply = message_factory.GetMessageClass(method.output_type)
@@ -355,10 +370,12 @@ def _serialize(message: ProtoMessage) -> bytes:
 async def invoke(
     channel: grpc.aio.Channel, method: Any, request: ProtoMessage | bytes
 ) -> tuple[grpc.StatusCode, str, list[Any]]:
-    """Call ``method`` (unary or server-streaming); (status, details, replies)."""
+    """Call ``method`` (unary, or streaming either way); (status, details, replies)."""
     rpc = _rpc(channel, method, raw=isinstance(request, bytes))
     try:
-        if method.server_streaming:
+        if method.client_streaming:  # a stream of one request
+            replies = [await rpc(iter([request]), timeout=RPC_TIMEOUT)]
+        elif method.server_streaming:
             replies = [reply async for reply in rpc(request, timeout=RPC_TIMEOUT)]
         else:
             replies = [await rpc(request, timeout=RPC_TIMEOUT)]
@@ -482,9 +499,11 @@ def check_reply(
             assert replies[0].layout_fingerprint == fingerprint
         else:
             assert code in REFUSALS, (request, code, details)
-    elif method.name == "RegisterWorker":
-        if request.layout_fingerprint != fingerprint:
-            assert code == grpc.StatusCode.FAILED_PRECONDITION, (request, code)
+    elif method.name in ("RegisterWorker", "RegisterEvaluator"):
+        if request.layout != layout_message(coordinator.layout):
+            assert code in REFUSALS, (request, code, details)
+    elif method.name == "UploadInitial":
+        assert code in REFUSALS or (code == grpc.StatusCode.OK and not replies[0].accepted)
     elif method.name == "FetchInitialShard":
         if request.layout_fingerprint != fingerprint or not 0 <= request.shard_id < NUM_SHARDS:
             assert code == grpc.StatusCode.FAILED_PRECONDITION, (request, code)
@@ -493,14 +512,19 @@ def check_reply(
             size = coordinator.layout.ranges[request.shard_id].size
             params = [r for r in replies if r.name == "params"]
             assert sum(len(r.data) for r in params) == 4 * size
-    elif method.name == "Heartbeat" and request.role in (pb.ROLE_SHARD, pb.ROLE_WORKER):
+    elif method.name == "Heartbeat" and request.role in ROLES:
         if not known_before:  # from a member the coordinator never registered
             assert code == grpc.StatusCode.OK and replies[0].reregister, (request, code)
     elif method.name in ("Status", "Shutdown"):
         assert code == grpc.StatusCode.OK, details
 
 
+ROLES = (pb.ROLE_SHARD, pb.ROLE_WORKER, pb.ROLE_EVALUATOR)
+
+
 def _known(coordinator: Coordinator, request: ProtoMessage) -> bool:
+    if request.role == pb.ROLE_EVALUATOR:
+        return coordinator.evaluator is not None
     members = coordinator.shards if request.role == pb.ROLE_SHARD else coordinator.workers
     return request.id in members
 
@@ -524,21 +548,13 @@ async def register_both_shards(
             await stub.Heartbeat(beat, timeout=RPC_TIMEOUT)
 
 
-def callable_methods(coordinator: Coordinator) -> list[Any]:
-    """Every RPC, but Shutdown only while no shard is ready: with fuzzed shard addresses it
-    hits a known bug that leaves the coordinator unable to close (see the xfail below)."""
-    if not coordinator.shards_ready():
-        return COORDINATOR_METHODS
-    return [m for m in COORDINATOR_METHODS if m.name != "Shutdown"]
-
-
 async def fuzz_coordinator(compiled: CompiledModel, data: st.DataObject) -> None:
     async with live_coordinator(compiled) as (coordinator, channel):
         specials = _specials(coordinator)
         if data.draw(st.booleans(), label="start from a ready cluster"):
             await register_both_shards(channel, data, specials)
         for _ in range(data.draw(st.integers(1, 6), label="calls")):
-            method = data.draw(st.sampled_from(callable_methods(coordinator)), label="rpc")
+            method = data.draw(st.sampled_from(COORDINATOR_METHODS), label="rpc")
             request = data.draw(proto_messages(method.input_type, specials), label="request")
             known = method.name == "Heartbeat" and _known(coordinator, request)
             outcome = await invoke(channel, method, request)
@@ -566,16 +582,15 @@ async def test_coordinator_rpcs_at_length(compiled: CompiledModel, data: st.Data
 async def test_bytes_that_are_not_protobuf_do_not_stop_the_coordinator(
     compiled: CompiledModel, data: st.DataObject
 ) -> None:
-    async with live_coordinator(compiled) as (coordinator, channel):
+    async with live_coordinator(compiled) as (_, channel):
         for _ in range(data.draw(st.integers(1, 4))):
-            method = data.draw(st.sampled_from(callable_methods(coordinator)))
+            method = data.draw(st.sampled_from(COORDINATOR_METHODS))
             payload = data.draw(st.sampled_from(GARBAGE) | st.binary(max_size=300))
             code, details, _ = await invoke(channel, method, payload)
             try:
                 message_factory.GetMessageClass(method.input_type).FromString(payload)
             except DecodeError:
-                # refused by grpc before dsgd sees it (UNKNOWN today: see the xfail below)
-                assert code != grpc.StatusCode.OK, method.name
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.name, code)
             else:  # a valid request after all: the ordinary rules apply
                 assert code not in UNDELIBERATE, (method.name, payload, code, details)
         await assert_still_serving(channel)
@@ -607,28 +622,25 @@ async def test_a_shard_registering_at_a_malformed_address_is_refused(
 async def test_shutdown_with_a_shard_at_a_malformed_address_is_answered(
     compiled: CompiledModel,
 ) -> None:
-    async with live_coordinator(compiled) as (coordinator, channel):
+    async with live_coordinator(compiled) as (_, channel):
         stub = pb_grpc.CoordinatorStub(channel)
-        try:
-            for shard_id in range(NUM_SHARDS):
-                endpoint = pb.ShardEndpoint(
-                    data_address="not-an-address", pub_address="garbage", incarnation=5
-                )
-                request = pb.RegisterShardRequest(
-                    shard_id=shard_id, endpoint=endpoint, protocol_version=wire.PROTOCOL_VERSION
-                )
-                with contextlib.suppress(grpc.aio.AioRpcError):  # refusing it is a fix too
-                    await stub.RegisterShard(request, timeout=RPC_TIMEOUT)
-                    beat = pb.HeartbeatRequest(role=pb.ROLE_SHARD, id=shard_id, incarnation=5)
-                    await stub.Heartbeat(beat, timeout=RPC_TIMEOUT)
-            code, details, _ = await invoke(
-                channel,
-                pb.DESCRIPTOR.services_by_name["Coordinator"].methods_by_name["Shutdown"],
-                pb.ShutdownRequest(reason="fuzz"),
+        for shard_id in range(NUM_SHARDS):
+            endpoint = pb.ShardEndpoint(
+                data_address="not-an-address", pub_address="garbage", incarnation=5
             )
-            assert code == grpc.StatusCode.OK, (code, details)
-        finally:
-            coordinator._ctx.destroy(linger=0)  # close what the bug leaks, or aclose() hangs
+            request = pb.RegisterShardRequest(
+                shard_id=shard_id, endpoint=endpoint, protocol_version=wire.PROTOCOL_VERSION
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError):  # refusing it is a fix too
+                await stub.RegisterShard(request, timeout=RPC_TIMEOUT)
+                beat = pb.HeartbeatRequest(role=pb.ROLE_SHARD, id=shard_id, incarnation=5)
+                await stub.Heartbeat(beat, timeout=RPC_TIMEOUT)
+        code, details, _ = await invoke(
+            channel,
+            pb.DESCRIPTOR.services_by_name["Coordinator"].methods_by_name["Shutdown"],
+            pb.ShutdownRequest(reason="fuzz"),
+        )
+        assert code == grpc.StatusCode.OK, (code, details)
 
 
 async def test_registration_from_another_protocol_version_is_refused(
@@ -640,11 +652,13 @@ async def test_registration_from_another_protocol_version_is_refused(
             data_address="tcp://127.0.0.1:1", pub_address="tcp://127.0.0.1:2", incarnation=5
         )
         shard = pb.RegisterShardRequest(shard_id=0, endpoint=endpoint, protocol_version=99)
+        assert coordinator.layout is not None
         worker = pb.RegisterWorkerRequest(
             worker_id=-1,
             layout_fingerprint=coordinator.layout.fingerprint,
             protocol_version=99,
             incarnation=1,
+            layout=layout_message(coordinator.layout),
         )
         for call, request in ((stub.RegisterShard, shard), (stub.RegisterWorker, worker)):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -689,12 +703,11 @@ async def test_refused_requests_are_counted_in_status(compiled: CompiledModel) -
 @contextlib.asynccontextmanager
 async def live_shard_control(installed: bool) -> AsyncIterator[grpc.aio.Channel]:
     """A shard's control service (checkpoints on demand) in front of an unstarted shard."""
-    from dsgd.server import ShardControl, ShardProcess
+    from dsgd.shard.process import ShardControl, ShardProcess
 
     process = ShardProcess("127.0.0.1:1", 0)  # never registers: only its control service runs
     if installed:
-        params = fuzz.LiveShard.initial_params()
-        process.server.install(fuzz.FINGERPRINT, SGD(0.1), ShardState(params, {}, 7))
+        process.core.install(fuzz.FINGERPRINT, SGD(0.1), ShardState(initial_params(), {}, 7))
     server, port = await start_grpc_server(
         "127.0.0.1",
         0,

@@ -86,6 +86,9 @@ def test_coordinator_service_methods() -> None:
         "RegisterShard",
         "FetchInitialShard",
         "RegisterWorker",
+        "UploadInitial",
+        "RegisterEvaluator",
+        "ReportEvaluation",
         "Heartbeat",
         "Status",
         "Shutdown",
@@ -98,7 +101,9 @@ def test_coordinator_service_methods() -> None:
     shard = control_pb2.DESCRIPTOR.services_by_name["Shard"]
     assert [m.name for m in shard.methods] == ["Checkpoint"]
     assert shard.methods[0].server_streaming
-    assert not any(m.client_streaming for m in service.methods)
+    # only the initial parameters travel towards the coordinator in pieces
+    assert [m.name for m in service.methods if m.client_streaming] == ["UploadInitial"]
+    assert methods["UploadInitial"].input_type.name == "TensorChunk"
     with grpc.insecure_channel("127.0.0.1:1") as channel:  # never connects: no RPC is made
         stub = control_pb2_grpc.CoordinatorStub(channel)
         for name in methods:

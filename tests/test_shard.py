@@ -12,32 +12,34 @@ import pytest
 import zmq.asyncio
 
 from dsgd import wire
-from dsgd.client import ShardClient
-from dsgd.shard import ShardServer
+from dsgd.shard.client import PushResult, ShardClient
+from dsgd.shard.core import ShardCore
+from dsgd.shard.server import ShardServer
 from tests.conftest import FINGERPRINT, make_shard
 
 
 class Harness:
     """A shard being served, and a client (worker 7) talking to it."""
 
-    def __init__(self, server: ShardServer, client: ShardClient, task: asyncio.Task[None]) -> None:
-        self.server, self.client, self.task = server, client, task
-        self.done: dict[int, Any] = {}
+    def __init__(self, served: ShardServer, client: ShardClient) -> None:
+        self.served, self.client = served, client
+        self.server: ShardCore = served.core  # what the shard holds and counted
+        self.done: dict[int, PushResult] = {}
 
-    def on_done(self, seq: int, result: Any) -> None:
-        self.done[seq] = result
+    def on_done(self, result: PushResult) -> None:
+        self.done[result.seq] = result
 
     def header(self, seq: int, base_version: int = 0, **kw: Any) -> wire.Header:
         fields = dict(kind=wire.PUSH, fingerprint=FINGERPRINT, shard=0, worker=7, seq=seq)
         fields.update(base_version=base_version, **kw)
         return wire.Header(**fields)
 
-    async def push_dense(self, seq: int, values: np.ndarray, base_version: int = 0) -> list[str]:
-        messages = list(wire.dense_chunks(self.header(seq, base_version), values, 1 << 14))
-        assert await self.client.push(seq, messages, self.on_done, permit_timeout=5.0)
+    async def push_dense(self, seq: int, values: np.ndarray, base_version: int = 0) -> list[Any]:
+        chunks = list(wire.dense_chunks(self.header(seq, base_version), values, 1 << 14))
+        assert await self.client.push(seq, chunks, self.on_done, permit_timeout=5.0)
         async with asyncio.timeout(10):
             await self.client.drain()
-        return self.done[seq]
+        return self.done[seq].statuses
 
     async def send_raw(self, frames: list[Any]) -> None:
         assert self.client._dealer is not None
@@ -53,13 +55,12 @@ class Harness:
 async def harness(zmq_ctx: zmq.asyncio.Context, request: pytest.FixtureRequest):
     kwargs = getattr(request, "param", {})
     server = await make_shard(**kwargs)
-    task = asyncio.create_task(server.serve())
     client = ShardClient(0, server.data_address, server.pub_address, FINGERPRINT, 7, zmq_ctx)
     await client.start()
-    yield Harness(server, client, task)
+    yield Harness(server, client)
+    assert server.serving  # nothing a test sent crashed it
     await client.aclose()
     await server.aclose()
-    await asyncio.wait_for(task, 5)  # serve() returns once the shard is closed
 
 
 async def test_fetch_returns_the_range(harness: Harness) -> None:
@@ -79,7 +80,7 @@ async def test_dense_push_applies_sgd_and_is_acknowledged(harness: Harness) -> N
 async def test_duplicate_and_reordered_chunks_apply_exactly_once(harness: Harness) -> None:
     before = harness.server.state.params.copy()
     grad = np.ones(before.size, np.float32)
-    messages = list(wire.dense_chunks(harness.header(5), grad, 1 << 14))
+    messages = [c.frames for c in wire.dense_chunks(harness.header(5), grad, 1 << 14)]
     for frames in [*reversed(messages), *messages]:  # out of order, then all again
         await harness.send_raw([bytes(f) for f in frames])
     fresh = await harness.fetch()  # served after every chunk above (same socket, in order)
@@ -131,7 +132,7 @@ async def test_sparse_push_rejects_out_of_range_and_unsorted_indices(harness: Ha
     bad = [np.array([1, size], np.uint32), np.array([5, 3], np.uint32), np.array([4, 4], np.uint32)]
     for seq, idx in enumerate(bad, start=1):
         vals = np.ones(idx.size, np.float32)
-        (frames,) = wire.sparse_chunks(harness.header(seq), idx, vals)
+        ((_, _, frames),) = wire.sparse_chunks(harness.header(seq), idx, vals)
         await harness.send_raw([bytes(f) for f in frames])
     await harness.fetch()
     assert harness.server.rejected["range"] == 1 and harness.server.rejected["order"] == 2
@@ -143,7 +144,7 @@ async def test_sparse_pull_returns_exactly_the_changed_parameters(harness: Harne
     mine = await harness.fetch()
     before = mine.copy()
     idx = np.array([3, 700, 701, size - 1], np.uint32)
-    (frames,) = wire.sparse_chunks(harness.header(1), idx, np.ones(4, np.float32))
+    ((_, _, frames),) = wire.sparse_chunks(harness.header(1), idx, np.ones(4, np.float32))
     await harness.send_raw([bytes(f) for f in frames])
     sent: list[np.ndarray] = []
     original = harness.client._on_params
@@ -167,7 +168,7 @@ async def test_drop_policy_refuses_stale_pushes(harness: Harness) -> None:
     for seq in range(1, 5):
         await harness.push_dense(seq, grad, base_version=0)
     # versions when each arrived: 0, 1, 2 (accepted: staleness <= 2), then 3 > 2: dropped
-    assert harness.done[4][0] == "stale"
+    assert harness.done[4].statuses[0] == wire.AckStatus.STALE
     assert harness.server.state.version == 3
     assert harness.server.counters["dropped_stale"] >= 1
 
@@ -190,25 +191,21 @@ async def test_version_is_broadcast(harness: Harness) -> None:
 
 
 async def test_uninstalled_shard_refuses_with_a_reason(zmq_ctx: zmq.asyncio.Context) -> None:
-    server = ShardServer(0, context=zmq_ctx)
-    await server.start()
-    task = asyncio.create_task(server.serve())
-    client = ShardClient(0, server.data_address, server.pub_address, FINGERPRINT, 1, zmq_ctx)
-    await client.start()
-    try:
-        with pytest.raises(Exception, match="no parameters yet"):
-            await client.fetch(np.empty(4, np.float32))
-    finally:
-        await client.aclose()
-        await server.aclose()
-        await asyncio.wait_for(task, 5)
+    async with ShardServer(ShardCore(0), context=zmq_ctx) as server:
+        client = ShardClient(0, server.data_address, server.pub_address, FINGERPRINT, 1, zmq_ctx)
+        await client.start()
+        try:
+            with pytest.raises(Exception, match="no parameters yet"):
+                await client.fetch(np.empty(4, np.float32))
+        finally:
+            await client.aclose()
 
 
 async def test_port_in_use_is_a_clear_error(harness: Harness) -> None:
     from dsgd.errors import ConfigError
 
-    port = int(harness.server.data_address.rsplit(":", 1)[1])
-    other = ShardServer(0, data_port=port)
+    port = int(harness.served.data_address.rsplit(":", 1)[1])
+    other = ShardServer(ShardCore(0), data_port=port)
     with pytest.raises(ConfigError, match="choose another port"):
         await other.start()
     await other.aclose()

@@ -53,6 +53,11 @@ FINGERPRINT = 0x5EED_F00D_CAFE  # any layout fingerprint; the wire does not inte
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def _messages(chunks: Any) -> list[list[Any]]:
+    """The frames of each chunk (what goes on the wire)."""
+    return [chunk.frames for chunk in chunks]
+
+
 def _bits_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     return np.dtype(np.uint32 if dtype.itemsize == 4 else np.uint16)
 
@@ -155,7 +160,7 @@ def test_dense_round_trip(case: tuple[Header, np.ndarray, int], as_bytes: bool) 
     template, values, chunk_bytes = case
     name = dtype_name(values.dtype)
     bounds = chunk_bounds(values.size, values.dtype.itemsize, chunk_bytes)
-    messages = list(dense_chunks(template, values, chunk_bytes))
+    messages = _messages(dense_chunks(template, values, chunk_bytes))
     assert len(messages) == len(bounds)
 
     received = []
@@ -203,7 +208,7 @@ def test_sparse_round_trip(
     name = dtype_name(values.dtype)
     per_element = INDEX_DTYPE.itemsize + values.dtype.itemsize
     bounds = chunk_bounds(values.size, per_element, chunk_bytes)
-    messages = list(sparse_chunks(template, indices, values, chunk_bytes))
+    messages = _messages(sparse_chunks(template, indices, values, chunk_bytes))
     assert len(messages) == len(bounds)
 
     got_indices, got_values = [], []
@@ -233,7 +238,7 @@ def test_sparse_round_trip(
 def test_sparse_chunks_accept_any_integer_index_array() -> None:
     indices = np.array([0, 5, 70000], np.int64)
     values = np.array([1.0, -2.0, 3.5], np.float32)
-    (frames,) = sparse_chunks(_template(), indices, values)
+    (frames,) = _messages(sparse_chunks(_template(), indices, values))
     _, (got_indices, got_values) = decode(frames)
     assert got_indices.dtype == INDEX_DTYPE
     np.testing.assert_array_equal(got_indices, [0, 5, 70000])
@@ -243,7 +248,7 @@ def test_sparse_chunks_accept_any_integer_index_array() -> None:
 @pytest.mark.parametrize("name", DTYPE_NAMES)
 def test_empty_dense_update_is_one_empty_message(name: str) -> None:
     values = np.empty(0, VALUE_DTYPES[name])
-    messages = list(dense_chunks(_template(offset=17), values))
+    messages = _messages(dense_chunks(_template(offset=17), values))
     assert len(messages) == 1
     header, (got,) = decode(messages[0])
     assert (header.chunk, header.nchunks, header.count, header.offset) == (0, 1, 0, 17)
@@ -256,7 +261,7 @@ def test_empty_dense_update_is_one_empty_message(name: str) -> None:
 def test_empty_sparse_update_is_one_empty_message(name: str) -> None:
     indices = np.empty(0, np.uint32)
     values = np.empty(0, VALUE_DTYPES[name])
-    messages = list(sparse_chunks(_template(seq=42), indices, values))
+    messages = _messages(sparse_chunks(_template(seq=42), indices, values))
     assert len(messages) == 1
     header, (got_indices, got_values) = decode(_as_bytes(messages[0]))
     assert (header.chunk, header.nchunks, header.count, header.seq) == (0, 1, 0, 42)
@@ -272,13 +277,13 @@ def test_dense_chunk_boundary_at_one_mebibyte(name: str) -> None:
     assert fits * dtype.itemsize == DEFAULT_CHUNK_BYTES
 
     values = (np.arange(fits + 1) % 2000).astype(dtype)  # exactly representable in all
-    (exact,) = list(dense_chunks(_template(), values[:fits]))
+    (exact,) = _messages(dense_chunks(_template(), values[:fits]))
     assert memoryview(exact[1]).nbytes == DEFAULT_CHUNK_BYTES
     header, (got,) = decode(exact)
     assert (header.nchunks, header.count) == (1, fits)
     np.testing.assert_array_equal(_bits(got), _bits(values[:fits]))
 
-    first, second = list(dense_chunks(_template(offset=3), values))
+    first, second = _messages(dense_chunks(_template(offset=3), values))
     h1, (v1,) = decode(first)
     h2, (v2,) = decode(second)
     assert (h1.chunk, h1.nchunks, h1.offset, h1.count) == (0, 2, 3, fits)
@@ -296,11 +301,11 @@ def test_sparse_chunk_boundary_at_exactly_the_chunk_size(name: str) -> None:
     indices = np.arange(fits + 1, dtype=np.uint32)
     values = np.ones(fits + 1, VALUE_DTYPES[name])
 
-    (exact,) = list(sparse_chunks(_template(), indices[:fits], values[:fits], chunk_bytes))
+    (exact,) = _messages(sparse_chunks(_template(), indices[:fits], values[:fits], chunk_bytes))
     assert payload_bytes(exact[1:]) == chunk_bytes
     assert decode(exact)[0].count == fits
 
-    first, second = list(sparse_chunks(_template(), indices, values, chunk_bytes))
+    first, second = _messages(sparse_chunks(_template(), indices, values, chunk_bytes))
     h1, (i1, _) = decode(first)
     h2, (i2, _) = decode(second)
     assert (h1.chunk, h1.nchunks, h1.count) == (0, 2, fits)
@@ -312,13 +317,13 @@ def test_float32_sparse_boundary_at_one_mebibyte() -> None:
     fits = DEFAULT_CHUNK_BYTES // 8  # uint32 index + float32 value
     indices = np.arange(fits + 1, dtype=np.uint32)
     values = np.zeros(fits + 1, np.float32)
-    assert len(list(sparse_chunks(_template(), indices[:fits], values[:fits]))) == 1
-    assert len(list(sparse_chunks(_template(), indices, values))) == 2
+    assert len(_messages(sparse_chunks(_template(), indices[:fits], values[:fits]))) == 1
+    assert len(_messages(sparse_chunks(_template(), indices, values))) == 2
 
 
 def test_dense_encoding_is_zero_copy_for_contiguous_values() -> None:
     values = np.arange(1000, dtype=np.float32)
-    (frames,) = list(dense_chunks(_template(), values))
+    (frames,) = _messages(dense_chunks(_template(), values))
     _, (got,) = decode(frames)
     assert np.shares_memory(got, values)
 
@@ -326,7 +331,7 @@ def test_dense_encoding_is_zero_copy_for_contiguous_values() -> None:
 def test_non_contiguous_values_are_encoded_correctly() -> None:
     base = np.arange(40, dtype=np.float32)
     strided = base[::3]
-    (frames,) = list(dense_chunks(_template(), strided))
+    (frames,) = _messages(dense_chunks(_template(), strided))
     _, (got,) = decode(_as_bytes(frames))
     np.testing.assert_array_equal(got, strided)
 
@@ -342,7 +347,7 @@ def test_messages_without_arrays_round_trip(kind: str) -> None:
 def test_decode_accepts_zmq_frames() -> None:
     values = np.linspace(-1, 1, 33, dtype=np.float32)
     indices = np.arange(33, dtype=np.uint32) * 3
-    (frames,) = list(sparse_chunks(_template(), indices, values))
+    (frames,) = _messages(sparse_chunks(_template(), indices, values))
     zmq_frames = [zmq.Frame(bytes(f)) for f in frames]
     header, (got_indices, got_values) = decode(zmq_frames)
     assert header.count == 33
@@ -376,12 +381,14 @@ def test_dtype_name_rejects_types_that_cannot_travel() -> None:
 
 def test_dense_chunks_reject_values_that_cannot_travel() -> None:
     with pytest.raises(ValueError, match="cannot travel"):
-        list(dense_chunks(_template(), np.zeros(3, np.float64)))
+        _messages(dense_chunks(_template(), np.zeros(3, np.float64)))
 
 
 def test_sparse_chunks_reject_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="same length"):
-        list(sparse_chunks(_template(), np.arange(3, dtype=np.uint32), np.zeros(2, np.float32)))
+        _messages(
+            sparse_chunks(_template(), np.arange(3, dtype=np.uint32), np.zeros(2, np.float32))
+        )
 
 
 def test_payload_bytes_counts_every_frame() -> None:
@@ -607,10 +614,10 @@ def valid_messages(draw: st.DrawFn) -> list[bytes]:
     values = _values(draw, name, st.integers(0, 12))
     shape = draw(st.sampled_from([DENSE, SPARSE, "control"]))
     if shape == DENSE:
-        (frames,) = list(dense_chunks(_template(kind=PARAMS), values, 1 << 10))
+        (frames,) = _messages(dense_chunks(_template(kind=PARAMS), values, 1 << 10))
     elif shape == SPARSE:
         indices = draw(hnp.arrays(np.uint32, values.size))
-        (frames,) = list(sparse_chunks(_template(), indices, values, 1 << 10))
+        (frames,) = _messages(sparse_chunks(_template(), indices, values, 1 << 10))
     else:
         frames = encode(_template(kind=draw(st.sampled_from([ACK, FETCH, VERSION, ERROR]))))
     return _as_bytes(frames)
@@ -713,3 +720,17 @@ def test_fuzz_header_field_values_decode_or_raise_protocol_error(
     raw[field] = value
     frames[0] = msgpack.packb(raw, use_bin_type=True)
     _decode_or_reject(frames)
+
+
+def test_chunks_know_their_slice_of_the_arrays() -> None:
+    values = np.arange(1000, dtype=np.float32)
+    chunks = list(dense_chunks(_template(offset=5), values, 1024))
+    assert [(c.start, c.stop) for c in chunks] == [(0, 256), (256, 512), (512, 768), (768, 1000)]
+    for chunk in chunks:
+        header, (got,) = decode(chunk.frames)
+        assert header.offset == 5 + chunk.start and header.count == chunk.stop - chunk.start
+        np.testing.assert_array_equal(got, values[chunk.start : chunk.stop])
+    indices = np.arange(0, 3000, 3, dtype=np.uint32)
+    sparse = list(sparse_chunks(_template(), indices, values, 800))
+    assert sparse[0].start == 0 and sparse[-1].stop == 1000
+    assert all(a.stop == b.start for a, b in zip(sparse, sparse[1:], strict=False))

@@ -14,7 +14,7 @@ from dsgd.checkpoint.cluster import (
     read_cluster_checkpoint,
     write_manifest,
 )
-from dsgd.checkpoint.codec import (
+from dsgd.checkpoint.fileformat import (
     Checkpoint,
     checkpoint_name,
     read_checkpoint,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsgd.checkpoint.codec import (
+from dsgd.checkpoint.fileformat import (
     FORMAT_VERSION,
     NAME_RE,
     Checkpoint,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsgd.checkpoint.cluster import MANIFEST_NAME
-from dsgd.checkpoint.codec import (
+from dsgd.checkpoint.fileformat import (
     NAME_RE,
     TEMP_RE,
     Checkpoint,

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from dsgd.checkpoint.codec import Checkpoint, PathLike, checkpoint_name, decode, fsync
+from dsgd.checkpoint.fileformat import Checkpoint, PathLike, checkpoint_name, decode, fsync
 from dsgd.errors import CheckpointError
 
 STREAM_CHUNK_BYTES = 1 << 20

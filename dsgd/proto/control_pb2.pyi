@@ -12,9 +12,11 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_UNSPECIFIED: _ClassVar[Role]
     ROLE_SHARD: _ClassVar[Role]
     ROLE_WORKER: _ClassVar[Role]
+    ROLE_EVALUATOR: _ClassVar[Role]
 ROLE_UNSPECIFIED: Role
 ROLE_SHARD: Role
 ROLE_WORKER: Role
+ROLE_EVALUATOR: Role
 
 class MemberStats(_message.Message):
     __slots__ = ("version", "step", "rate", "loss", "counters")
@@ -69,8 +71,26 @@ class RegisterShardRequest(_message.Message):
     protocol_version: int
     def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
+class LeafShape(_message.Message):
+    __slots__ = ("dims",)
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ModelLayout(_message.Message):
+    __slots__ = ("paths", "shapes", "num_shards", "fingerprint")
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    SHAPES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    shapes: _containers.RepeatedCompositeFieldContainer[LeafShape]
+    num_shards: int
+    fingerprint: int
+    def __init__(self, paths: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[LeafShape, _Mapping]]] = ..., num_shards: _Optional[int] = ..., fingerprint: _Optional[int] = ...) -> None: ...
+
 class RegisterShardReply(_message.Message):
-    __slots__ = ("num_shards", "start", "stop", "layout_fingerprint", "config_json", "send_initial", "version")
+    __slots__ = ("num_shards", "start", "stop", "layout_fingerprint", "config_json", "send_initial", "version", "ready", "waiting_for")
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +98,8 @@ class RegisterShardReply(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SEND_INITIAL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     num_shards: int
     start: int
     stop: int
@@ -85,7 +107,9 @@ class RegisterShardReply(_message.Message):
     config_json: str
     send_initial: bool
     version: int
-    def __init__(self, num_shards: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    ready: bool
+    waiting_for: str
+    def __init__(self, num_shards: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ...) -> None: ...
 
 class FetchInitialShardRequest(_message.Message):
     __slots__ = ("shard_id", "layout_fingerprint")
@@ -96,35 +120,45 @@ class FetchInitialShardRequest(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("name", "offset", "total", "data")
+    __slots__ = ("name", "offset", "total", "data", "layout_fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
     total: int
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    layout_fingerprint: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[bytes] = ..., layout_fingerprint: _Optional[int] = ...) -> None: ...
+
+class UploadInitialReply(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "layout_fingerprint", "model", "host", "protocol_version", "incarnation")
+    __slots__ = ("worker_id", "layout_fingerprint", "model", "host", "protocol_version", "incarnation", "layout")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     layout_fingerprint: int
     model: str
     host: str
     protocol_version: int
     incarnation: int
-    def __init__(self, worker_id: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., protocol_version: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    layout: ModelLayout
+    def __init__(self, worker_id: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., protocol_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerReply(_message.Message):
-    __slots__ = ("ready", "waiting_for", "worker_id", "partition", "num_partitions", "shards", "config_json")
+    __slots__ = ("ready", "waiting_for", "worker_id", "partition", "num_partitions", "shards", "config_json", "send_initial")
     READY_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +166,7 @@ class RegisterWorkerReply(_message.Message):
     NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEND_INITIAL_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     waiting_for: str
     worker_id: int
@@ -139,7 +174,52 @@ class RegisterWorkerReply(_message.Message):
     num_partitions: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
     config_json: str
-    def __init__(self, ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., worker_id: _Optional[int] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
+    send_initial: bool
+    def __init__(self, ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., worker_id: _Optional[int] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ...) -> None: ...
+
+class RegisterEvaluatorRequest(_message.Message):
+    __slots__ = ("layout", "host", "protocol_version", "incarnation")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    layout: ModelLayout
+    host: str
+    protocol_version: int
+    incarnation: int
+    def __init__(self, layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., host: _Optional[str] = ..., protocol_version: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class RegisterEvaluatorReply(_message.Message):
+    __slots__ = ("ready", "waiting_for", "shards", "config_json", "send_initial")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEND_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    waiting_for: str
+    shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
+    config_json: str
+    send_initial: bool
+    def __init__(self, ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ...) -> None: ...
+
+class EvaluationReport(_message.Message):
+    __slots__ = ("incarnation", "evaluation", "failure")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    incarnation: int
+    evaluation: Evaluation
+    failure: str
+    def __init__(self, incarnation: _Optional[int] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., failure: _Optional[str] = ...) -> None: ...
+
+class EvaluationReply(_message.Message):
+    __slots__ = ("shutdown", "reason")
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    shutdown: bool
+    reason: str
+    def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("role", "id", "incarnation", "stats", "leaving")
@@ -190,7 +270,7 @@ class MemberStatus(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("elapsed_seconds", "test_accuracy", "test_loss", "total_version", "metrics")
+    __slots__ = ("elapsed_seconds", "test_accuracy", "test_loss", "total_version", "metrics", "eval_seconds", "examples")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -203,15 +283,19 @@ class Evaluation(_message.Message):
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     elapsed_seconds: float
     test_accuracy: float
     test_loss: float
     total_version: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    eval_seconds: float
+    examples: int
+    def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., eval_seconds: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "target_accuracy", "config_json", "shards", "refused")
+    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "target_accuracy", "config_json", "shards", "refused", "failed")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +319,7 @@ class ClusterStatus(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_params: int
     layout_fingerprint: int
@@ -251,7 +336,8 @@ class ClusterStatus(_message.Message):
     config_json: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
     refused: _containers.ScalarMap[str, int]
-    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., target_accuracy: _Optional[float] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    failed: bool
+    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., target_accuracy: _Optional[float] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ..., failed: _Optional[bool] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)

@@ -49,6 +49,21 @@ class CoordinatorStub:
                 request_serializer=dsgd_dot_proto_dot_control__pb2.RegisterWorkerRequest.SerializeToString,
                 response_deserializer=dsgd_dot_proto_dot_control__pb2.RegisterWorkerReply.FromString,
                 _registered_method=True)
+        self.UploadInitial = channel.stream_unary(
+                '/dsgd.v1.Coordinator/UploadInitial',
+                request_serializer=dsgd_dot_proto_dot_control__pb2.TensorChunk.SerializeToString,
+                response_deserializer=dsgd_dot_proto_dot_control__pb2.UploadInitialReply.FromString,
+                _registered_method=True)
+        self.RegisterEvaluator = channel.unary_unary(
+                '/dsgd.v1.Coordinator/RegisterEvaluator',
+                request_serializer=dsgd_dot_proto_dot_control__pb2.RegisterEvaluatorRequest.SerializeToString,
+                response_deserializer=dsgd_dot_proto_dot_control__pb2.RegisterEvaluatorReply.FromString,
+                _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/dsgd.v1.Coordinator/ReportEvaluation',
+                request_serializer=dsgd_dot_proto_dot_control__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=dsgd_dot_proto_dot_control__pb2.EvaluationReply.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/dsgd.v1.Coordinator/Heartbeat',
                 request_serializer=dsgd_dot_proto_dot_control__pb2.HeartbeatRequest.SerializeToString,
@@ -87,6 +102,24 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RegisterWorker(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadInitial(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterEvaluator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportEvaluation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +167,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RegisterWorker,
                     request_deserializer=dsgd_dot_proto_dot_control__pb2.RegisterWorkerRequest.FromString,
                     response_serializer=dsgd_dot_proto_dot_control__pb2.RegisterWorkerReply.SerializeToString,
+            ),
+            'UploadInitial': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadInitial,
+                    request_deserializer=dsgd_dot_proto_dot_control__pb2.TensorChunk.FromString,
+                    response_serializer=dsgd_dot_proto_dot_control__pb2.UploadInitialReply.SerializeToString,
+            ),
+            'RegisterEvaluator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterEvaluator,
+                    request_deserializer=dsgd_dot_proto_dot_control__pb2.RegisterEvaluatorRequest.FromString,
+                    response_serializer=dsgd_dot_proto_dot_control__pb2.RegisterEvaluatorReply.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=dsgd_dot_proto_dot_control__pb2.EvaluationReport.FromString,
+                    response_serializer=dsgd_dot_proto_dot_control__pb2.EvaluationReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -237,6 +285,87 @@ class Coordinator:
             '/dsgd.v1.Coordinator/RegisterWorker',
             dsgd_dot_proto_dot_control__pb2.RegisterWorkerRequest.SerializeToString,
             dsgd_dot_proto_dot_control__pb2.RegisterWorkerReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadInitial(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dsgd.v1.Coordinator/UploadInitial',
+            dsgd_dot_proto_dot_control__pb2.TensorChunk.SerializeToString,
+            dsgd_dot_proto_dot_control__pb2.UploadInitialReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterEvaluator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsgd.v1.Coordinator/RegisterEvaluator',
+            dsgd_dot_proto_dot_control__pb2.RegisterEvaluatorRequest.SerializeToString,
+            dsgd_dot_proto_dot_control__pb2.RegisterEvaluatorReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsgd.v1.Coordinator/ReportEvaluation',
+            dsgd_dot_proto_dot_control__pb2.EvaluationReport.SerializeToString,
+            dsgd_dot_proto_dot_control__pb2.EvaluationReply.FromString,
             options,
             channel_credentials,
             insecure,

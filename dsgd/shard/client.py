@@ -1,9 +1,11 @@
-"""The worker side of the data plane: one :class:`ShardClient` per parameter shard.
+"""The other end of a shard's data plane: one :class:`ShardClient` per shard, per worker.
 
 A client owns a DEALER socket (pushes and fetches) and a SUB socket (the shard's
 version broadcasts). Pushes are fire-and-forget for the caller, but each holds one
 of ``max_inflight`` permits until every chunk is acknowledged, so a slow shard makes
-the worker wait instead of letting memory grow. Every wait has a timeout, and a
+the worker wait instead of letting memory grow. The client is the one place that
+tracks a push: it resolves to one :class:`PushResult` that lists the chunks never
+applied, so the caller can resend exactly those. Every wait has a timeout, and a
 shard that stops answering surfaces as :class:`~dsgd.errors.PeerLost`.
 """
 
@@ -14,9 +16,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
@@ -24,19 +26,51 @@ import zmq.asyncio
 
 from dsgd import wire
 from dsgd.errors import Closed, ConfigError, PeerLost, ProtocolError
-from dsgd.types import FlatParams
+from dsgd.types import FlatParams, ShardInfo
+from dsgd.wire import AckStatus
 
 log = logging.getLogger("dsgd.client")
 
-PushDone = Callable[[int, list[str]], None]
-LOST = "lost"  # the status of a chunk never acknowledged (timeout, or the client closed)
+SHARD_SILENT = 2.0  # seconds without a word from a shard before it counts as unavailable
+
+
+class PushResult(NamedTuple):
+    """What became of one push, once every chunk was acknowledged or given up on."""
+
+    seq: int
+    statuses: list[AckStatus | None]  # per chunk; None: never acknowledged
+    lost: list[wire.Chunk]  # chunks never acknowledged (timeout, or the client closed)
+    rejected: list[str]  # why, for each chunk the shard refused
+
+    @property
+    def complete(self) -> bool:
+        """Every chunk was applied (or was a duplicate of one that was)."""
+        return all(s in (AckStatus.APPLIED, AckStatus.DUPLICATE) for s in self.statuses)
+
+
+PushDone = Callable[[PushResult], None]
 
 
 @dataclass
 class _PendingPush:
-    nchunks: int
-    done: asyncio.Future[list[str]]
-    statuses: dict[int, str] = field(default_factory=dict)
+    chunks: Sequence[wire.Chunk]
+    done: asyncio.Future[None]
+    statuses: dict[int, AckStatus] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def settle(self, chunk: int, status: AckStatus, reason: str = "") -> None:
+        if chunk in self.statuses or not 0 <= chunk < len(self.chunks):
+            return
+        self.statuses[chunk] = status
+        if status == AckStatus.REJECTED:
+            self.reasons.append(reason)
+        if len(self.statuses) == len(self.chunks) and not self.done.done():
+            self.done.set_result(None)
+
+    def result(self, seq: int) -> PushResult:
+        statuses = [self.statuses.get(i) for i in range(len(self.chunks))]
+        lost = [c for c, s in zip(self.chunks, statuses, strict=True) if s is None]
+        return PushResult(seq, statuses, lost, self.reasons)
 
 
 @dataclass
@@ -62,14 +96,12 @@ class ShardClient:
         max_inflight: int = 4,
         ack_timeout: float = 10.0,
         fetch_timeout: float = 10.0,
-        incarnation: int = 0,
     ) -> None:
         self.shard_id = shard_id
         self.data_address = data_address
         self.pub_address = pub_address
         self.fingerprint = fingerprint
         self.worker_id = worker_id
-        self.worker_incarnation = incarnation
         self.ack_timeout = ack_timeout
         self.fetch_timeout = fetch_timeout
         self._ctx = context
@@ -85,8 +117,6 @@ class ShardClient:
         self.incarnation = 0  # the shard incarnation last seen (ack, reply or broadcast)
         self.last_heard = time.monotonic()
         self.bytes_pushed = 0
-        self.bytes_fetched = 0
-        self.errors: list[str] = []
 
     async def start(self) -> None:
         wire.keep_frame_memory()  # parameter replies arrive as 1 MiB frames too
@@ -147,13 +177,13 @@ class ShardClient:
         return time.monotonic() - self.last_heard
 
     async def push(
-        self, seq: int, messages: list[list[Any]], on_done: PushDone, permit_timeout: float
+        self, seq: int, chunks: Sequence[wire.Chunk], on_done: PushDone, permit_timeout: float
     ) -> bool:
-        """Send one push (its chunk messages) once a permit is free; False if none freed.
+        """Send one push (its chunks) once a permit is free; False if none freed in time.
 
-        Returns when the chunks are queued. ``on_done(seq, statuses)`` is called once,
-        when every chunk is acknowledged or after ``ack_timeout``, with one status per
-        chunk (``LOST`` for the unacknowledged), so the caller can resend what was lost.
+        Returns when the chunks are queued. ``on_done(result)`` is called once, when
+        every chunk is acknowledged or after ``ack_timeout``, with a :class:`PushResult`
+        listing the chunks never acknowledged, so the caller can resend exactly those.
         """
         if self._closed or self._dealer is None:
             raise Closed("push on a closed ShardClient")
@@ -161,25 +191,22 @@ class ShardClient:
             await asyncio.wait_for(self._permits.acquire(), permit_timeout)
         except TimeoutError:
             return False
-        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._pushes[seq] = _PendingPush(len(messages), future)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending = self._pushes[seq] = _PendingPush(chunks, future)
         try:
-            for frames in messages:
-                self.bytes_pushed += wire.payload_bytes(frames)
-                await self._dealer.send_multipart(frames, copy=False)
+            for chunk in chunks:
+                self.bytes_pushed += wire.payload_bytes(chunk.frames)
+                await self._dealer.send_multipart(chunk.frames, copy=False)
         except BaseException:
             self._pushes.pop(seq, None)
             self._permits.release()
             raise
-        self._spawn(self._await_acks(seq, future, on_done), f"acks-{seq}")
+        self._spawn(self._await_acks(seq, pending, on_done), f"acks-{seq}")
         return True
 
-    async def _await_acks(
-        self, seq: int, future: asyncio.Future[list[str]], on_done: PushDone
-    ) -> None:
-        pending = self._pushes[seq]
+    async def _await_acks(self, seq: int, pending: _PendingPush, on_done: PushDone) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.ack_timeout)
+            await asyncio.wait_for(asyncio.shield(pending.done), self.ack_timeout)
         except TimeoutError:
             log.warning(
                 "shard %d did not acknowledge push %d within %.0f s",
@@ -192,7 +219,7 @@ class ShardClient:
         finally:
             self._pushes.pop(seq, None)
             self._permits.release()
-            on_done(seq, [pending.statuses.get(i, LOST) for i in range(pending.nchunks)])
+            on_done(pending.result(seq))
 
     async def drain(self) -> None:
         """Wait until every push in flight is acknowledged or failed (bound it with a timeout)."""
@@ -232,7 +259,6 @@ class ShardClient:
             ) from None
         finally:
             self._fetches.pop(request, None)
-        self.bytes_fetched += pending.bytes
         return version, pending.bytes
 
     # -- receiving -------------------------------------------------------------------------
@@ -257,11 +283,14 @@ class ShardClient:
 
     def _on_ack(self, header: wire.Header) -> None:
         pending = self._pushes.get(header.seq)
-        if pending is None or pending.done.done():
+        if pending is None:
             return
-        pending.statuses[header.chunk] = header.status
-        if len(pending.statuses) >= pending.nchunks:
-            pending.done.set_result([pending.statuses[i] for i in sorted(pending.statuses)])
+        try:
+            status = AckStatus(header.status)
+        except ValueError:
+            log.warning("shard %d acknowledged with status %r", self.shard_id, header.status)
+            return
+        pending.settle(header.chunk, status, header.reason)
 
     def _on_params(self, header: wire.Header, arrays: list[np.ndarray], nbytes: int) -> None:
         pending = self._fetches.get(header.seq)
@@ -288,19 +317,16 @@ class ShardClient:
             pending.done.set_result(header.version)
 
     def _on_error(self, header: wire.Header) -> None:
-        self.errors.append(header.status)
-        error = ProtocolError(f"shard {self.shard_id} refused a request: {header.status}")
         fetch = self._fetches.get(header.seq) if header.about == wire.FETCH else None
         if fetch is not None and not fetch.done.done():
-            fetch.done.set_exception(error)
+            refusal = f"shard {self.shard_id} refused a request: {header.reason}"
+            fetch.done.set_exception(ProtocolError(refusal))
             return
         push = self._pushes.get(header.seq) if header.about == wire.PUSH else None
-        if push is not None and not push.done.done():
-            push.statuses[header.chunk] = f"rejected: {header.status}"
-            if len(push.statuses) >= push.nchunks:
-                push.done.set_result([push.statuses[i] for i in sorted(push.statuses)])
+        if push is not None:
+            push.settle(header.chunk, AckStatus.REJECTED, header.reason)
         else:
-            log.warning("shard %d: %s", self.shard_id, header.status)
+            log.warning("shard %d: %s", self.shard_id, header.reason)
 
     async def _broadcast_loop(self) -> None:
         assert self._sub is not None
@@ -318,3 +344,57 @@ class ShardClient:
                 self.broadcast_version = header.version
                 self.incarnation = header.incarnation
                 self.last_heard = time.monotonic()
+
+
+class ParameterReader:
+    """Reads the whole flat vector from every shard, like a worker's full fetch.
+
+    For the evaluator and the coordinator's final parameters: one client per shard,
+    replaced when the shard restarts (a new incarnation) or moves.
+    """
+
+    def __init__(
+        self, fingerprint: int, context: zmq.asyncio.Context, *, fetch_timeout: float = 10.0
+    ) -> None:
+        self.fingerprint = fingerprint
+        self.fetch_timeout = fetch_timeout
+        self._ctx = context
+        self._clients: dict[int, tuple[ShardInfo, ShardClient]] = {}
+
+    async def read(self, shards: Sequence[ShardInfo], out: FlatParams) -> int:
+        """Fill ``out`` with every shard's range; return the sum of their versions.
+
+        Raises PeerLost when a shard is silent or does not answer in time.
+        """
+        total = 0
+        for info in shards:
+            client = await self._client(info)
+            if client.broadcast_version >= 0 and client.silent_for() > SHARD_SILENT:
+                raise PeerLost(f"shard {info.shard_id} silent for {client.silent_for():.0f} s")
+            version, _ = await client.fetch(out[info.start : info.stop])
+            total += version
+        return total
+
+    async def _client(self, info: ShardInfo) -> ShardClient:
+        known = self._clients.get(info.shard_id)
+        if known is not None and known[0] == info:
+            return known[1]
+        if known is not None:
+            await known[1].aclose()
+        client = ShardClient(
+            info.shard_id,
+            info.data_address,
+            info.pub_address,
+            self.fingerprint,
+            -1,
+            self._ctx,
+            fetch_timeout=self.fetch_timeout,
+        )
+        await client.start()
+        self._clients[info.shard_id] = (info, client)
+        return client
+
+    async def aclose(self) -> None:
+        for _, client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()

@@ -18,25 +18,25 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import zmq.asyncio
 
 from dsgd import wire
-from dsgd.client import LOST, ShardClient
 from dsgd.codec import CodecConfig, Encoded, SparseEncoder
 from dsgd.config import TrainConfig
 from dsgd.errors import Closed, LayoutMismatch, PeerLost, ProtocolError
 from dsgd.model import CompiledModel, batches
+from dsgd.shard.client import SHARD_SILENT, PushResult, ShardClient
 from dsgd.stats import RateMeter
 from dsgd.types import FlatParams, ShardInfo
 
 log = logging.getLogger("dsgd.worker")
 
 DRAIN_TIMEOUT = 10.0  # seconds to wait for acknowledgements when the run ends
-SHARD_SILENT = 2.0  # seconds without a word from a shard before pushes to it are held
 PERMIT_TIMEOUT = 5.0  # seconds to wait for a push permit before holding the push
 COUNTERS = (
     "pushes",
@@ -72,8 +72,8 @@ def worker_batches(
     return batches(x, y, batch_size, seed=config.seed * 1_000_003 + who)
 
 
-class Worker:
-    """One replica's training loop against a set of shards."""
+class Replica:
+    """One model replica's training loop against a set of shards."""
 
     def __init__(
         self,
@@ -110,8 +110,6 @@ class Worker:
         self.held_incarnations = [0] * n  # ... of which shard incarnation
         # our own push moves a shard's version before its broadcast says so
         self._pushed_since_fetch = [False] * n
-        # what each push has not yet acknowledged, per (seq, shard): resent if lost
-        self._inflight: dict[tuple[int, int], tuple[Encoded, list[tuple[int, int]]]] = {}
         self.encoders = [
             SparseEncoder(
                 s.stop - s.start,
@@ -147,7 +145,6 @@ class Worker:
             self.worker_id,
             self._ctx,
             max_inflight=self.config.max_inflight,
-            incarnation=self.incarnation,
         )
 
     async def aclose(self) -> None:
@@ -155,7 +152,7 @@ class Worker:
             await client.aclose()
         self.clients = []
 
-    async def __aenter__(self) -> Worker:
+    async def __aenter__(self) -> Replica:
         await self.start()
         return self
 
@@ -247,7 +244,7 @@ class Worker:
             log.warning(
                 "worker %d: %d pushes still unacknowledged after %.0f s at shutdown",
                 self.worker_id,
-                len(self._inflight),
+                sum(client.inflight for client in self.clients),
                 DRAIN_TIMEOUT,
             )
 
@@ -322,21 +319,17 @@ class Worker:
             )
             chunk = self.config.chunk_bytes
             if encoded.indices is None:
-                messages = list(wire.dense_chunks(template, encoded.values, chunk))
+                chunks = list(wire.dense_chunks(template, encoded.values, chunk))
             else:
-                messages = list(
-                    wire.sparse_chunks(template, encoded.indices, encoded.values, chunk)
-                )
-            bounds = _chunk_slices(messages)
-            self._inflight[(seq, k)] = (encoded, bounds)
+                chunks = list(wire.sparse_chunks(template, encoded.indices, encoded.values, chunk))
             before = client.bytes_pushed
             try:
-                sent = await client.push(seq, messages, self._acked(k), PERMIT_TIMEOUT)
+                done = partial(self._push_done, k, encoded)
+                sent = await client.push(seq, chunks, done, PERMIT_TIMEOUT)
             except Closed:  # the shard moved while we waited for a permit
                 sent = False
             if not sent:
-                del self._inflight[(seq, k)]
-                self._give_back(k, encoded, bounds)
+                self._give_back(k, encoded, chunks)
                 self._mark_unavailable(k, f"{client.inflight} pushes unacknowledged")
                 continue
             self._unavailable.discard(k)
@@ -348,33 +341,31 @@ class Worker:
         if sent_any:
             self.counters["pushes"] += 1
 
-    def _acked(self, k: int) -> Callable[[int, list[str]], None]:
-        def on_done(seq: int, statuses: list[str]) -> None:
-            encoded, bounds = self._inflight.pop((seq, k))
-            lost = [bounds[i] for i, status in enumerate(statuses) if status == LOST]
-            self._give_back(k, encoded, lost)
-            rejected = [s for s in statuses if s.startswith("rejected")]
-            if rejected:
-                self.counters["chunks_rejected"] += len(rejected)
-                log.warning(
-                    "worker %d: push %d to shard %d: %s", self.worker_id, seq, k, rejected[0]
-                )
+    def _push_done(self, k: int, encoded: Encoded, result: PushResult) -> None:
+        """A push to shard k settled: what was never applied goes back to the residual."""
+        self._give_back(k, encoded, result.lost)
+        if result.rejected:
+            self.counters["chunks_rejected"] += len(result.rejected)
+            log.warning(
+                "worker %d: push %d to shard %d: %d chunk(s) rejected: %s",
+                self.worker_id,
+                result.seq,
+                k,
+                len(result.rejected),
+                result.rejected[0],
+            )
 
-        return on_done
-
-    def _give_back(self, k: int, encoded: Encoded, chunks: list[tuple[int, int]]) -> None:
-        """Return never-applied chunks to shard k's residual, so a later push resends them.
-
-        ``chunks`` are ``(start, count)`` slices of the encoded arrays.
-        """
+    def _give_back(self, k: int, encoded: Encoded, chunks: Sequence[wire.Chunk]) -> None:
+        """Return never-applied chunks of ``encoded`` to shard k's residual, so a later
+        push resends them."""
         encoder = self.encoders[k]
-        for start, count in chunks:
-            values = encoded.values[start : start + count]
+        for start, stop, _ in chunks:
+            values = encoded.values[start:stop]
             if encoded.indices is None:
                 encoder.give_back_dense(values, start)
             else:
-                encoder.give_back(encoded.indices[start : start + count], values)
-            self.counters["values_given_back"] += count
+                encoder.give_back(encoded.indices[start:stop], values)
+            self.counters["values_given_back"] += stop - start
 
     def _mark_unavailable(self, k: int, why: str) -> None:
         self.counters["pushes_deferred"] += 1
@@ -397,10 +388,3 @@ class Worker:
             "loss": 0.0 if np.isnan(self.loss) else float(self.loss),
             "counters": {k: float(v) for k, v in self.counters.items()},
         }
-
-
-def _chunk_slices(messages: list[list[Any]]) -> list[tuple[int, int]]:
-    """``(start, count)`` of each chunk message within the encoded arrays it was cut from."""
-    counts = [wire.unpack_header(frames[0]).count for frames in messages]
-    starts = np.cumsum([0, *counts[:-1]])
-    return [(int(a), c) for a, c in zip(starts, counts, strict=True)]

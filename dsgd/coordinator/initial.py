@@ -1,7 +1,9 @@
 """Where a shard without state starts from: the model's initial parameters, or a checkpoint.
 
 The coordinator holds this and streams it to each shard that registers empty-handed
-(``FetchInitialShard``): parameters first, then the optimizer state, if any.
+(``FetchInitialShard``): parameters first, then the optimizer state, if any. Fresh
+parameters come from the first worker or evaluator that registers (the coordinator never
+loads the model), restored ones from a cluster checkpoint.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ import numpy as np
 from dsgd.checkpoint import ClusterCheckpoint
 from dsgd.config import TrainConfig
 from dsgd.errors import CheckpointError
-from dsgd.model import CompiledModel
+from dsgd.layout import Layout
 from dsgd.types import FlatParams, ShardRange
-
-TENSOR_CHUNK_ELEMENTS = (1 << 20) // 4  # 1 MiB of float32 per streamed message
 
 
 @dataclass
@@ -29,8 +29,9 @@ class InitialState:
     opt_state: list[dict[str, FlatParams]]
 
     @classmethod
-    def fresh(cls, compiled: CompiledModel, num_shards: int) -> InitialState:
-        return cls(compiled.initial_flat(), compiled.layout.ranges, [0] * num_shards, [])
+    def fresh(cls, params: FlatParams, layout: Layout) -> InitialState:
+        """The model's initial parameters (as a member uploaded them), at version 0."""
+        return cls(params, layout.ranges, [0] * layout.num_shards, [])
 
     @classmethod
     def from_checkpoint(cls, ckpt: ClusterCheckpoint, config: TrainConfig) -> InitialState:

@@ -1,4 +1,4 @@
-"""One parameter shard as a process: ``python -m dsgd.server --coordinator HOST:PORT --shard-id K``.
+"""One parameter shard as a process: ``python -m dsgd.shard --coordinator HOST:PORT --shard-id K``.
 
 The shard binds its data and broadcast sockets, restores its latest valid
 checkpoint when ``--checkpoint-dir`` holds one, and registers with the coordinator
@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,15 @@ from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, start_grpc_server, stats_message
 from dsgd.errors import CheckpointError, ConfigError, ProtocolError
 from dsgd.optim import make_optimizer
-from dsgd.process import add_member_arguments, run_process, setup_logging, write_ready_file
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
-from dsgd.shard import ShardServer, ShardState
+from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
+from dsgd.shard.core import ShardCore, ShardState
+from dsgd.shard.server import ShardServer
 from dsgd.types import ShardRange
 from dsgd.wire import PROTOCOL_VERSION
 
-log = logging.getLogger("dsgd.server")
+log = logging.getLogger("dsgd.shard")
 
 
 class ShardProcess:
@@ -60,8 +61,9 @@ class ShardProcess:
     ) -> None:
         self.ctx = zmq.asyncio.Context()
         self.link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
+        self.core = ShardCore(shard_id)
         self.server = ShardServer(
-            shard_id,
+            self.core,
             host=host,
             data_port=data_port,
             pub_port=pub_port,
@@ -81,11 +83,15 @@ class ShardProcess:
 
     @property
     def shard_id(self) -> int:
-        return self.server.shard_id
+        return self.core.shard_id
 
     async def run(self, stop: asyncio.Event, ready_file: str | None = None) -> None:
-        serve_task: asyncio.Task[None] | None = None
-        saver: asyncio.Task[None] | None = None
+        """Serve until the run ends or ``stop``; leave cleanly whatever ends it.
+
+        Serving, checkpointing and heartbeats are tasks of one group: if any of them
+        crashes, the others stop and the process ends naming it, after the same final
+        checkpoint, leaving heartbeat and gRPC stop as a clean exit.
+        """
         try:
             await self.server.start()
             self._grpc, port = await start_grpc_server(
@@ -98,34 +104,41 @@ class ShardProcess:
             self.restore_local()
             if not await self.register(stop):
                 return
-            serve_task = asyncio.create_task(self.server.serve(), name="shard-serve")
-            if self.checkpoint_dir is not None:
-                saver = asyncio.create_task(self._checkpoint_loop(), name="shard-checkpoints")
-            write_ready_file(
-                ready_file,
-                {
-                    "data_address": self.server.data_address,
-                    "pub_address": self.server.pub_address,
-                    "control_address": self.control_address,
-                },
-            )
-            await self._heartbeat_until_done(stop)
-        finally:
-            for task in (saver, serve_task):
-                if task is not None:
+            async with asyncio.TaskGroup() as group:
+                background = [
+                    group.create_task(owned("the data plane", self.server.serve())),
+                ]
+                if self.checkpoint_dir is not None:
+                    saving = owned("periodic checkpoints", self._checkpoint_loop())
+                    background.append(group.create_task(saving))
+                write_ready_file(
+                    ready_file,
+                    {
+                        "data_address": self.server.data_address,
+                        "pub_address": self.server.pub_address,
+                        "control_address": self.control_address,
+                    },
+                )
+                await owned("heartbeats", self._heartbeat_until_done(stop))
+                for task in background:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            if self.server.installed and self.checkpoint_dir is not None:
-                with contextlib.suppress(CheckpointError):
-                    await self.save("final")
-            with contextlib.suppress(Exception):
-                await self.link.heartbeat_once(self._heartbeat(leaving=True))
-            if self._grpc is not None:
-                await self._grpc.stop(grace=0.2)
-            await self.server.aclose()
-            await self.link.aclose()
-            self.ctx.term()
+        finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
+        """Save a last checkpoint, say goodbye, and close everything this process opened."""
+        if self.core.installed and self.checkpoint_dir is not None:
+            try:
+                await self.save("final")
+            except CheckpointError as exc:
+                log.warning("shard %d: final checkpoint failed: %s", self.shard_id, exc)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.link.heartbeat_once(self._heartbeat(leaving=True))
+        if self._grpc is not None:
+            await self._grpc.stop(grace=0.2)
+        await self.server.aclose()
+        await self.link.aclose()
+        self.ctx.term()
 
     # -- state -------------------------------------------------------------------------------
 
@@ -148,29 +161,23 @@ class ShardProcess:
 
     async def register(self, stop: asyncio.Event) -> bool:
         """Register (again); install restored, streamed or kept state. False if stopped."""
-        server = self.server
-        held = self.restored if not server.installed else None
+        core, server = self.core, self.server
+        held = self.restored if not core.installed else None
         request = pb.RegisterShardRequest(
             shard_id=self.shard_id,
             endpoint=pb.ShardEndpoint(
                 shard_id=self.shard_id,
                 data_address=server.data_address,
                 pub_address=server.pub_address,
-                incarnation=server.incarnation,
+                incarnation=core.incarnation,
                 control_address=self.control_address,
             ),
-            layout_fingerprint=held.fingerprint if held else server.fingerprint,
-            version=held.version if held else server.state.version,
+            layout_fingerprint=held.fingerprint if held else core.fingerprint,
+            version=held.version if held else core.state.version,
             protocol_version=PROTOCOL_VERSION,
         )
-        try:
-            reply = await self.link.call(
-                self.link.stub.RegisterShard, request, f"registering shard {self.shard_id}"
-            )
-        except grpc.aio.AioRpcError as exc:
-            refusal = f"the coordinator refused shard {self.shard_id}: {exc.details()}"
-            raise ConfigError(refusal) from None
-        if stop.is_set():
+        reply = await self._registered(request, stop)
+        if reply is None:
             return False
         self.config = TrainConfig.from_json(reply.config_json)
         if held is not None and held.fingerprint != reply.layout_fingerprint:
@@ -179,43 +186,73 @@ class ShardProcess:
                 f"(fingerprint {held.fingerprint:016x}, the cluster's is "
                 f"{reply.layout_fingerprint:016x}); use another --checkpoint-dir"
             )
+        if reply.send_initial or not core.installed:
+            await self._install(reply, held)
+        # report at once, so the coordinator marks this shard ready without waiting a period
+        await self.link.heartbeat_once(self._heartbeat())
+        return True
+
+    async def _install(
+        self, reply: pb.RegisterShardReply, held: checkpoint.Checkpoint | None
+    ) -> None:
+        """Take the state this registration gives: streamed initial values, or the
+        checkpoint restored at start; with the cluster's optimizer and settings."""
         shard_range = ShardRange(reply.start, reply.stop)
         if reply.send_initial:
             state = await self._fetch_initial(reply, shard_range.size)
         elif held is not None:
             state = ShardState(held.params, dict(held.opt_state), held.version)
         else:
-            state = server.state  # a re-registration: keep serving what we have
-        if reply.send_initial or not server.installed:
-            optimizer = make_optimizer(self.config.optimizer, self.config.lr)
-            expected = optimizer.init(0).keys()
-            if set(state.opt_state) != set(expected):
-                if state.opt_state:
-                    log.warning(
-                        "shard %d: optimizer state %s does not fit %s; starting it afresh",
-                        self.shard_id,
-                        sorted(state.opt_state),
-                        optimizer.name,
-                    )
-                state.opt_state = optimizer.init(shard_range.size)
-            server.install(
-                reply.layout_fingerprint,
-                optimizer,
-                state,
-                staleness=self.config.staleness,
-                chunk_bytes=self.config.chunk_bytes,
-                shard_range=shard_range,
-                num_shards=reply.num_shards,
-            )
-            log.info(
-                "shard %d serving %d parameters at version %d",
-                self.shard_id,
-                shard_range.size,
-                state.version,
-            )
-        # report at once, so the coordinator marks this shard ready without waiting a period
-        await self.link.heartbeat_once(self._heartbeat())
-        return True
+            state = self.core.state
+        optimizer = make_optimizer(self.config.optimizer, self.config.lr)
+        expected = optimizer.init(0).keys()
+        if set(state.opt_state) != set(expected):
+            if state.opt_state:
+                log.warning(
+                    "shard %d: optimizer state %s does not fit %s; starting it afresh",
+                    self.shard_id,
+                    sorted(state.opt_state),
+                    optimizer.name,
+                )
+            state.opt_state = optimizer.init(shard_range.size)
+        self.core.install(
+            reply.layout_fingerprint,
+            optimizer,
+            state,
+            staleness=self.config.staleness,
+            chunk_bytes=self.config.chunk_bytes,
+            shard_range=shard_range,
+            num_shards=reply.num_shards,
+        )
+        log.info(
+            "shard %d serving %d parameters at version %d",
+            self.shard_id,
+            shard_range.size,
+            state.version,
+        )
+
+    async def _registered(
+        self, request: pb.RegisterShardRequest, stop: asyncio.Event
+    ) -> pb.RegisterShardReply | None:
+        """Register until the cluster takes this shard (it may not know the model yet)."""
+        waited_since, last_report = time.monotonic(), 0.0
+        while not stop.is_set():
+            try:
+                reply: pb.RegisterShardReply = await self.link.call(
+                    self.link.stub.RegisterShard, request, f"registering shard {self.shard_id}"
+                )
+            except grpc.aio.AioRpcError as exc:
+                refusal = f"the coordinator refused shard {self.shard_id}: {exc.details()}"
+                raise ConfigError(refusal) from None
+            if reply.ready:
+                return reply
+            now = time.monotonic()
+            if now - last_report > 5.0 and now - waited_since > 1.0:
+                log.info("shard %d waiting for %s", self.shard_id, reply.waiting_for)
+                last_report = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+        return None
 
     async def _fetch_initial(self, reply: Any, size: int) -> ShardState:
         arrays: dict[str, np.ndarray] = {}
@@ -252,7 +289,7 @@ class ShardProcess:
         target = directory or self.checkpoint_dir
         assert target is not None
         async with self._save_lock:
-            snap = self.server.snapshot({"reason": reason, "config": self.config.to_json()})
+            snap = self.core.snapshot({"reason": reason, "config": self.config.to_json()})
             result = await checkpoint.save_async(snap, target, keep=self.config.checkpoint_keep)
             pieces: list[bytes] = []
             if read_back:
@@ -265,7 +302,7 @@ class ShardProcess:
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.checkpoint_every)
-            if self.server.state.version != self.saved_version:
+            if self.core.state.version != self.saved_version:
                 try:
                     await self.save("periodic")
                 except CheckpointError as exc:
@@ -274,14 +311,14 @@ class ShardProcess:
     # -- heartbeats ----------------------------------------------------------------------------
 
     def _heartbeat(self, leaving: bool = False) -> pb.HeartbeatRequest:
-        server = self.server
-        counters = server.stats()
+        core = self.core
+        counters = core.stats()
         counters["checkpoint_version"] = float(self.saved_version)
-        stats = {"version": server.state.version, "rate": server.apply_rate.rate()}
+        stats = {"version": core.state.version, "rate": core.apply_rate.rate()}
         return pb.HeartbeatRequest(
             role=pb.ROLE_SHARD,
             id=self.shard_id,
-            incarnation=server.incarnation,
+            incarnation=core.incarnation,
             stats=stats_message({**stats, "counters": counters}),
             leaving=leaving,
         )
@@ -310,7 +347,7 @@ class ShardControl(pb_grpc.ShardServicer):
         self.p = process
 
     async def Checkpoint(self, request: Any, context: Any) -> AsyncIterator[pb.CheckpointPiece]:
-        if not self.p.server.installed:
+        if not self.p.core.installed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "shard has no parameters yet")
         with tempfile.TemporaryDirectory(prefix="dsgd-ckpt-") as tmp:
             directory = self.p.checkpoint_dir or Path(tmp)
@@ -335,7 +372,7 @@ class ShardControl(pb_grpc.ShardServicer):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m dsgd.server", description="Run one dsgd parameter shard."
+        prog="python -m dsgd.shard", description="Run one dsgd parameter shard."
     )
     add_member_arguments(parser, "write bound addresses here (JSON) once serving")
     parser.add_argument("--shard-id", type=int, required=True, help="which shard slot to serve")
@@ -376,7 +413,3 @@ async def run_shard(coordinator: str, shard_id: int, stop: asyncio.Event, **opti
     """Serve shard ``shard_id`` until the run ends or ``stop`` (for in-process clusters)."""
     ready_file = options.pop("ready_file", None)
     await ShardProcess(coordinator, shard_id, **options).run(stop, ready_file)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

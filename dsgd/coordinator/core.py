@@ -1,0 +1,474 @@
+"""The coordinator's state and rules: membership, the model's layout, liveness, the end.
+
+It is not on the data path: workers push to and fetch from the shards directly, so
+training continues while the coordinator is down, and members re-register on their own
+when it returns. It never loads the model (so it never imports JAX): the first worker
+or evaluator to register describes the model's layout, and uploads its initial
+parameters unless the run restores a checkpoint; the coordinator streams them on to
+each shard that registers without state. The evaluator reports evaluations; the run
+ends when one reaches the target, the time or step budget is spent, or a model function
+fails for good.
+
+This module holds no sockets: :mod:`dsgd.coordinator.service` adapts it to gRPC and
+:mod:`dsgd.coordinator.process` runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dsgd import wire
+from dsgd.checkpoint import ClusterCheckpoint
+from dsgd.checkpoint.fileformat import fingerprint_error
+from dsgd.config import TrainConfig
+from dsgd.control import layout_from_message
+from dsgd.coordinator.initial import InitialState
+from dsgd.errors import Refusal, Refused
+from dsgd.layout import Layout
+from dsgd.proto import control_pb2 as pb
+from dsgd.types import FlatParams
+
+log = logging.getLogger("dsgd.coordinator")
+
+SHARD_GRACE = 15.0  # seconds shards keep serving after the run ends, for workers to drain
+MAX_WORKERS = 4096
+UPLOAD_STALL = 10.0  # seconds without progress before another member may upload instead
+ROLES = {pb.ROLE_SHARD: "shard", pb.ROLE_WORKER: "worker", pb.ROLE_EVALUATOR: "evaluator"}
+
+
+@dataclass
+class Member:
+    role: Any  # pb.Role
+    member_id: int
+    incarnation: int = 0
+    address: str = ""
+    endpoint: pb.ShardEndpoint | None = None
+    ready: bool = False
+    left: bool = False
+    registered_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    stats: pb.MemberStats = field(default_factory=pb.MemberStats)
+
+
+def check_protocol(version: int) -> None:
+    if version != wire.PROTOCOL_VERSION:
+        raise Refused(
+            Refusal.MISMATCH,
+            f"protocol version {version}, the coordinator speaks {wire.PROTOCOL_VERSION}; "
+            "run the same dsgd version everywhere",
+        )
+
+
+_TCP = re.compile(r"^tcp://[^\s:/]+:(\d{1,5})$")
+_HOST_PORT = re.compile(r"^[^\s/]+:(\d{1,5})$")
+
+
+def check_endpoint(endpoint: pb.ShardEndpoint) -> None:
+    """Refuse shard addresses no worker could connect to."""
+    for name, pattern, value, optional in (
+        ("data_address", _TCP, endpoint.data_address, False),
+        ("pub_address", _TCP, endpoint.pub_address, False),
+        ("control_address", _HOST_PORT, endpoint.control_address, True),
+    ):
+        if optional and not value:
+            continue
+        match = pattern.match(value)
+        if match is None or not 0 < int(match.group(1)) < 65536:
+            raise Refused(Refusal.INVALID, f"shard {name} {value[:80]!r} is not a valid address")
+
+
+class Coordinator:
+    """Membership and the end of the run; every method is a quick, synchronous decision."""
+
+    def __init__(self, config: TrainConfig, restore: ClusterCheckpoint | None = None) -> None:
+        self.config = config
+        self.restore = restore
+        self.layout: Layout | None = None
+        self.initial: InitialState | None = (
+            InitialState.from_checkpoint(restore, config) if restore is not None else None
+        )
+        self.started = time.monotonic()
+        self.shards: dict[int, Member] = {}
+        self.workers: dict[int, Member] = {}
+        self.evaluator: Member | None = None
+        self.history: list[pb.Evaluation] = []
+        self.done = False
+        self.done_reason = ""
+        self.done_at = 0.0
+        self.reached_target = False
+        self.failed = False
+        self.final_taken = False  # the final parameters were read: shards may leave
+        self.refused: dict[str, int] = {}
+        self.upload_progress: float | None = None  # when an upload of initial values last moved
+        self.finished = asyncio.Event()  # the run is over
+        self.shutdown_requested = asyncio.Event()  # ... and nobody needs to be waited for
+
+    # -- the model ---------------------------------------------------------------------------
+
+    def describe_model(self, message: pb.ModelLayout) -> bool:
+        """Adopt (or check against) a member's model layout; True if its initial parameters
+        are wanted. Refuses a layout that is invalid or differs from the cluster's."""
+        try:
+            offered = layout_from_message(message)
+        except ValueError as exc:
+            raise Refused(Refusal.INVALID, f"invalid model layout: {exc}") from None
+        if self.layout is None:
+            if offered.num_shards != self.config.num_shards:
+                raise Refused(
+                    Refusal.MISMATCH,
+                    f"the model was split over {offered.num_shards} shards, the cluster runs "
+                    f"{self.config.num_shards}",
+                )
+            if (
+                self.restore is not None
+                and self.restore.manifest.fingerprint != offered.fingerprint
+            ):
+                error = fingerprint_error(
+                    f"cluster checkpoint {self.restore.directory}",
+                    self.restore.manifest.fingerprint,
+                    self.restore.manifest.num_shards,
+                    offered.fingerprint,
+                )
+                raise Refused(Refusal.MISMATCH, str(error))
+            self.layout = offered
+            log.info("model %s: %s", self.config.model, offered.describe())
+        elif offered.fingerprint != self.layout.fingerprint:
+            raise Refused(
+                Refusal.MISMATCH,
+                f"this model's layout {offered.fingerprint:016x} differs from the cluster's "
+                f"{self.layout.fingerprint:016x} ({self.config.model}); start it with the "
+                "cluster's --model",
+            )
+        if self.initial is not None:
+            return False
+        moving = self.upload_progress
+        if moving is not None and time.monotonic() - moving < UPLOAD_STALL:
+            return False  # someone is uploading them: wait for that
+        self.upload_progress = time.monotonic()
+        return True
+
+    def accept_initial(self, fingerprint: int, params: FlatParams) -> bool:
+        """Take a member's upload of the initial parameters; False if already held."""
+        if self.layout is None or fingerprint != self.layout.fingerprint:
+            raise Refused(Refusal.MISMATCH, "initial parameters of a layout the cluster lacks")
+        if params.size != self.layout.size:
+            raise Refused(
+                Refusal.INVALID,
+                f"{params.size} initial parameters, the layout has {self.layout.size}",
+            )
+        if not bool(np.isfinite(params).all()):
+            raise Refused(Refusal.INVALID, "the model's initial parameters hold NaN or Inf")
+        self.upload_progress = None
+        if self.initial is not None:
+            return False
+        self.initial = InitialState.fresh(params, self.layout)
+        log.info("initial parameters received (%d values)", params.size)
+        return True
+
+    # -- membership --------------------------------------------------------------------------
+
+    def all_members(self) -> list[Member]:
+        evaluator = [self.evaluator] if self.evaluator is not None else []
+        return [*self.shards.values(), *self.workers.values(), *evaluator]
+
+    def member_state(self, member: Member) -> str:
+        if member.left:
+            return "left"
+        silent = time.monotonic() - member.last_seen
+        if silent > self.config.heartbeat_timeout:
+            return "dead"
+        if silent > 2 * self.config.heartbeat_interval:
+            return "suspect"
+        return "alive"
+
+    def waiting_for(self) -> str:
+        """What the cluster is waiting for, or '' when every shard and worker is up."""
+        now = time.monotonic()
+        since = f"since {now - self.started:.0f} s"
+        if self.layout is None:
+            return f"a worker or the evaluator to describe the model ({since})"
+        if self.initial is None and len(self.shards) < self.config.num_shards:
+            return f"the model's initial parameters ({since})"
+        for shard_id in range(self.config.num_shards):
+            shard = self.shards.get(shard_id)
+            if shard is None:
+                return f"shard {shard_id} to register ({since})"
+            if not shard.ready:
+                loading = now - shard.registered_at
+                return f"shard {shard_id} to load its parameters (since {loading:.0f} s)"
+            if self.member_state(shard) == "dead":
+                return f"shard {shard_id} (silent for {now - shard.last_seen:.0f} s)"
+        if self.config.evaluator and not self.history:
+            return f"the evaluator's first evaluation ({since})"
+        live = [w for w in self.workers.values() if self.member_state(w) != "dead"]
+        if len(live) < self.config.num_workers and not self.done:
+            missing = self.config.num_workers - len(live)
+            return f"{missing} of {self.config.num_workers} workers to register ({since})"
+        return ""
+
+    def shards_ready(self) -> bool:
+        return len(self.shards) == self.config.num_shards and all(
+            s.ready for s in self.shards.values()
+        )
+
+    def register_shard(self, request: pb.RegisterShardRequest) -> pb.RegisterShardReply:
+        shard_id = request.shard_id
+        if not 0 <= shard_id < self.config.num_shards:
+            raise Refused(
+                Refusal.INVALID,
+                f"shard id {shard_id} is outside this cluster's 0..{self.config.num_shards - 1}",
+            )
+        check_protocol(request.protocol_version)
+        check_endpoint(request.endpoint)
+        if self.layout is None:
+            return pb.RegisterShardReply(ready=False, waiting_for=self.waiting_for())
+        # a shard that kept (or restored) state at least as new as ours keeps it (after a
+        # restart of the coordinator, the shards' state is all there is)
+        initial_version = self.initial.versions[shard_id] if self.initial is not None else 0
+        has_state = (
+            request.layout_fingerprint == self.layout.fingerprint
+            and request.version > 0
+            and request.version >= initial_version
+        )
+        if not has_state and self.initial is None:
+            return pb.RegisterShardReply(ready=False, waiting_for=self.waiting_for())
+        rng = self.layout.ranges[shard_id]
+        endpoint = pb.ShardEndpoint()
+        endpoint.CopyFrom(request.endpoint)
+        endpoint.shard_id, endpoint.start, endpoint.stop = shard_id, rng.start, rng.stop
+        self.shards[shard_id] = Member(
+            pb.ROLE_SHARD,
+            shard_id,
+            incarnation=request.endpoint.incarnation,
+            address=endpoint.data_address,
+            endpoint=endpoint,
+        )
+        log.info(
+            "shard %d registered at %s (incarnation %x)",
+            shard_id,
+            endpoint.data_address,
+            endpoint.incarnation,
+        )
+        return pb.RegisterShardReply(
+            ready=True,
+            num_shards=self.config.num_shards,
+            start=rng.start,
+            stop=rng.stop,
+            layout_fingerprint=self.layout.fingerprint,
+            config_json=self.config.to_json(),
+            send_initial=not has_state,
+            version=initial_version,
+        )
+
+    def initial_arrays(self, shard_id: int, fingerprint: int) -> dict[str, FlatParams]:
+        """What a shard without state starts from (FetchInitialShard)."""
+        if (
+            self.layout is None
+            or self.initial is None
+            or fingerprint != self.layout.fingerprint
+            or not 0 <= shard_id < self.config.num_shards
+        ):
+            raise Refused(Refusal.MISMATCH, "unknown shard or another model's layout")
+        return self.initial.arrays(shard_id)
+
+    def register_worker(self, request: pb.RegisterWorkerRequest) -> pb.RegisterWorkerReply:
+        check_protocol(request.protocol_version)
+        if self.describe_model(request.layout):
+            return pb.RegisterWorkerReply(ready=False, send_initial=True)
+        waiting = self.waiting_for()
+        if not self.shards_ready() or (self.config.evaluator and not self.history):
+            # with an evaluator, its first evaluation sees the parameters before any push
+            return pb.RegisterWorkerReply(ready=False, waiting_for=waiting)
+        worker_id = self._choose_worker_slot(request.worker_id)
+        previous = self.workers.get(worker_id)
+        self.workers[worker_id] = Member(
+            pb.ROLE_WORKER, worker_id, incarnation=request.incarnation, address=request.host
+        )
+        if previous is not None and previous.incarnation != request.incarnation:
+            log.info(
+                "worker %d (was %s) replaced by a new process from %s",
+                worker_id,
+                self.member_state(previous),
+                request.host or "?",
+            )
+        else:
+            log.info("worker %d registered from %s", worker_id, request.host or "?")
+        return pb.RegisterWorkerReply(
+            ready=True,
+            worker_id=worker_id,
+            partition=worker_id % self.config.num_workers,
+            num_partitions=self.config.num_workers,
+            shards=self.shard_endpoints(),
+            config_json=self.config.to_json(),
+        )
+
+    def _choose_worker_slot(self, wanted: int) -> int:
+        """Slot ``wanted`` (claimed, replacing its holder), else the first free or dead slot,
+        else a new slot beyond them (elastic join: it shares a data partition)."""
+        if wanted >= 0:
+            if wanted >= MAX_WORKERS:
+                raise Refused(
+                    Refusal.INVALID, f"worker id {wanted} is outside 0..{MAX_WORKERS - 1}"
+                )
+            return wanted
+        for slot in range(min(max(self.workers, default=-1) + 2, MAX_WORKERS)):
+            member = self.workers.get(slot)
+            if member is None or self.member_state(member) in ("dead", "left"):
+                return slot
+        raise Refused(Refusal.EXHAUSTED, f"the cluster has {MAX_WORKERS} live workers")
+
+    def register_evaluator(self, request: pb.RegisterEvaluatorRequest) -> pb.RegisterEvaluatorReply:
+        check_protocol(request.protocol_version)
+        if self.describe_model(request.layout):
+            return pb.RegisterEvaluatorReply(ready=False, send_initial=True)
+        if not self.shards_ready():
+            return pb.RegisterEvaluatorReply(ready=False, waiting_for=self.waiting_for())
+        self.evaluator = Member(
+            pb.ROLE_EVALUATOR, 0, incarnation=request.incarnation, address=request.host
+        )
+        log.info("evaluator registered from %s", request.host or "?")
+        return pb.RegisterEvaluatorReply(
+            ready=True, shards=self.shard_endpoints(), config_json=self.config.to_json()
+        )
+
+    def shard_endpoints(self) -> list[pb.ShardEndpoint]:
+        return [
+            self.shards[k].endpoint  # type: ignore[misc]
+            for k in sorted(self.shards)
+            if self.shards[k].endpoint is not None
+        ]
+
+    def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        member = self._member(request.role, request.id)
+        if member is None:
+            return pb.HeartbeatReply(reregister=True)
+        if member.incarnation != request.incarnation:
+            if request.role == pb.ROLE_SHARD:
+                return pb.HeartbeatReply(reregister=True)
+            role = ROLES[request.role]  # its slot went to a newer process
+            return pb.HeartbeatReply(
+                shutdown=True, reason=f"{role} {request.id} was replaced by a newer process"
+            )
+        member.last_seen = time.monotonic()
+        member.stats.CopyFrom(request.stats)
+        member.ready = True
+        if request.leaving:
+            member.left = True
+            self._check_step_budget()
+        return pb.HeartbeatReply(
+            shutdown=self._should_stop(member),
+            reason=self.done_reason,
+            shards=self.shard_endpoints(),
+        )
+
+    def _member(self, role: int, member_id: int) -> Member | None:
+        if role == pb.ROLE_SHARD:
+            return self.shards.get(member_id)
+        if role == pb.ROLE_WORKER:
+            return self.workers.get(member_id)
+        if role == pb.ROLE_EVALUATOR:
+            return self.evaluator
+        raise Refused(Refusal.INVALID, f"unknown role {role}")
+
+    def _should_stop(self, member: Member) -> bool:
+        """Workers and the evaluator stop as soon as the run is over; shards once the
+        final parameters are read (or nobody came for them)."""
+        if not self.done:
+            return False
+        if member.role != pb.ROLE_SHARD:
+            return True
+        return self.final_taken or time.monotonic() - self.done_at > SHARD_GRACE
+
+    # -- evaluations and the end of the run ----------------------------------------------------
+
+    def report_evaluation(self, report: pb.EvaluationReport) -> pb.EvaluationReply:
+        evaluator = self.evaluator
+        if evaluator is None or report.incarnation != evaluator.incarnation:
+            return pb.EvaluationReply(shutdown=True, reason="this evaluator is not registered")
+        evaluator.last_seen = time.monotonic()
+        if report.failure:
+            self.finish(f"evaluation failed: {report.failure}", failed=True)
+            return pb.EvaluationReply(shutdown=True, reason=self.done_reason)
+        if not self.done:
+            entry = pb.Evaluation()
+            entry.CopyFrom(report.evaluation)
+            entry.elapsed_seconds = time.monotonic() - self.started
+            self.history.append(entry)
+            if entry.test_accuracy >= self.config.target_accuracy:
+                self.finish(f"target accuracy {self.config.target_accuracy:.3f} reached")
+                self.reached_target = True
+        return pb.EvaluationReply(shutdown=self.done, reason=self.done_reason)
+
+    def _check_step_budget(self) -> None:
+        config = self.config
+        workers = list(self.workers.values())
+        if (
+            config.max_steps
+            and len(workers) >= config.num_workers
+            and all(w.left and w.stats.step >= config.max_steps for w in workers)
+        ):  # workers leave only once their last push is acknowledged: nothing is in flight
+            self.finish(f"step budget of {config.max_steps} per worker spent")
+
+    def budget_spent(self) -> None:
+        """The time budget ran out: end the run, saying what it was still waiting for."""
+        elapsed = time.monotonic() - self.started
+        waiting = self.waiting_for()
+        if not self.shards_ready() and waiting:
+            self.finish(f"gave up after {elapsed:.0f} s waiting for {waiting}")
+        else:
+            self.finish(f"time budget of {self.config.max_seconds:.0f} s spent")
+
+    def finish(self, reason: str, *, failed: bool = False) -> None:
+        """End the run: remember why; members learn it from their next heartbeat."""
+        if self.done:
+            return
+        self.done_reason = reason
+        self.done_at = time.monotonic()
+        self.done = True
+        self.failed = failed
+        self.finished.set()
+        log.info("run finished: %s", reason)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> pb.ClusterStatus:
+        now = time.monotonic()
+        members = [
+            pb.MemberStatus(
+                role=m.role,
+                id=m.member_id,
+                state=self.member_state(m) if m.ready else "starting",
+                last_seen_seconds=now - m.last_seen,
+                stats=m.stats,
+                address=m.address,
+                incarnation=m.incarnation,
+            )
+            for m in sorted(self.all_members(), key=lambda m: (m.role, m.member_id))
+        ]
+        layout = self.layout
+        return pb.ClusterStatus(
+            model=self.config.model,
+            num_params=layout.size if layout else 0,
+            layout_fingerprint=layout.fingerprint if layout else 0,
+            num_shards=self.config.num_shards,
+            num_workers=self.config.num_workers,
+            elapsed_seconds=now - self.started,
+            members=members,
+            history=self.history,
+            done=self.done,
+            done_reason=self.done_reason,
+            reached_target=self.reached_target,
+            failed=self.failed,
+            waiting_for=self.waiting_for(),
+            target_accuracy=self.config.target_accuracy,
+            config_json=self.config.to_json(),
+            shards=self.shard_endpoints(),
+            refused=self.refused,
+        )

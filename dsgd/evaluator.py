@@ -1,0 +1,233 @@
+"""The evaluator: judges the parameters on the held-out split, off every server's loop.
+
+    python -m dsgd.evaluator --coordinator HOST:PORT [--model MOD:ATTR]
+
+It registers with the coordinator (describing the model, as a worker does), reads the
+whole parameter vector from the shards every ``eval_every`` seconds as a worker's full
+fetch would, evaluates it in a thread and reports each result; the coordinator decides
+whether the target is reached. A model function that raises ends the run: the
+evaluator reports why and exits with a usage error, since a restart would fail the same
+way. The supervisor starts one evaluator; ``dsgd.train`` runs it in a thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+import zmq.asyncio
+
+from dsgd import wire
+from dsgd.config import TrainConfig
+from dsgd.control import CoordinatorLink, layout_message, shard_infos, stats_message
+from dsgd.errors import Closed, ModelError, PeerLost, ProtocolError
+from dsgd.model import CompiledModel, ModelSpec
+from dsgd.proto import control_pb2 as pb
+from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
+from dsgd.shard.client import ParameterReader
+from dsgd.stats import RateMeter
+from dsgd.types import ShardInfo
+from dsgd.worker.process import load_cluster_model
+
+log = logging.getLogger("dsgd.evaluator")
+
+
+class Evaluator:
+    """Reads the parameters, evaluates them, reports; until the run is over."""
+
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        config: TrainConfig,
+        shards: Sequence[ShardInfo],
+        context: zmq.asyncio.Context,
+        incarnation: int,
+    ) -> None:
+        self.compiled = compiled
+        self.config = config
+        self.shards = list(shards)
+        self.incarnation = incarnation
+        self.reader = ParameterReader(compiled.layout.fingerprint, context)
+        self.flat = np.empty(compiled.layout.size, np.float32)
+        self.rate = RateMeter()
+        self.evaluations = 0
+        self.skipped = 0
+        self.seconds = 0.0  # spent evaluating, in all
+        self.last: dict[str, float] = {}
+
+    async def aclose(self) -> None:
+        await self.reader.aclose()
+
+    async def run(self, link: CoordinatorLink, stop: asyncio.Event) -> None:
+        """Evaluate every ``eval_every`` seconds until ``stop`` or the run is over."""
+        next_at = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
+            if stop.is_set():
+                return
+            next_at = time.monotonic() + self.config.eval_every
+            evaluation = await self.evaluate_once(link)
+            if evaluation is None:
+                continue
+            report = pb.EvaluationReport(incarnation=self.incarnation, evaluation=evaluation)
+            reply = await link.call(link.stub.ReportEvaluation, report, "reporting an evaluation")
+            if reply.shutdown:
+                log.info("evaluator: the run is over (%s)", reply.reason)
+                stop.set()
+
+    async def evaluate_once(self, link: CoordinatorLink) -> pb.Evaluation | None:
+        """Read and evaluate the current parameters; None if a shard did not answer.
+
+        A model function that raises is reported to the coordinator (ending the run)
+        and raised as a ModelError.
+        """
+        try:
+            total_version = await self.reader.read(self.shards, self.flat)
+        except (PeerLost, ProtocolError, Closed) as exc:
+            self.skipped += 1
+            log.warning("evaluation skipped: %s", exc)
+            return None
+        began = time.perf_counter()
+        try:
+            metrics = await asyncio.to_thread(self.compiled.evaluate, self.flat)
+        except ModelError as exc:
+            report = pb.EvaluationReport(incarnation=self.incarnation, failure=str(exc))
+            with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
+                await link.call(link.stub.ReportEvaluation, report, "reporting a failure")
+            raise
+        seconds = time.perf_counter() - began
+        self.evaluations += 1
+        self.seconds += seconds
+        self.rate.add()
+        self.last = metrics
+        return pb.Evaluation(
+            test_accuracy=float(metrics.get("accuracy", 0.0)),
+            test_loss=float(metrics.get("loss", 0.0)),
+            total_version=total_version,
+            metrics=metrics,
+            eval_seconds=seconds,
+            examples=len(self.compiled.spec.dataset.x_test),
+        )
+
+    def heartbeat(self, leaving: bool = False) -> pb.HeartbeatRequest:
+        counters = {
+            "evaluations": float(self.evaluations),
+            "evaluations_skipped": float(self.skipped),
+            "eval_seconds": self.seconds,
+        }
+        stats = {"rate": self.rate.rate(), "counters": counters}
+        return pb.HeartbeatRequest(
+            role=pb.ROLE_EVALUATOR,
+            id=0,
+            incarnation=self.incarnation,
+            stats=stats_message(stats),
+            leaving=leaving,
+        )
+
+
+async def _heartbeats(
+    link: CoordinatorLink,
+    evaluator: Evaluator,
+    request: pb.RegisterEvaluatorRequest,
+    stop: asyncio.Event,
+) -> None:
+    """Report liveness; follow moved shards; stop when the run is over."""
+    while not stop.is_set():
+        reply = await link.heartbeat_once(evaluator.heartbeat())
+        if reply is not None and reply.shutdown:
+            stop.set()
+            return
+        if reply is not None and reply.shards:
+            evaluator.shards = shard_infos(reply.shards)
+        if reply is not None and reply.reregister:
+            with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
+                await link.call(link.stub.RegisterEvaluator, request, "registering again")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), evaluator.config.heartbeat_interval)
+
+
+async def run_evaluator(
+    coordinator: str,
+    stop: asyncio.Event,
+    *,
+    spec: ModelSpec | None = None,
+    model: str | None = None,
+    ready_file: str | None = None,
+    connect_timeout: float = 60.0,
+) -> None:
+    """Evaluate for the cluster at ``coordinator`` until the run ends (or ``stop``)."""
+    link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
+    ctx = zmq.asyncio.Context()
+    try:
+        config, compiled = await load_cluster_model(link, spec, model)
+        request = pb.RegisterEvaluatorRequest(
+            layout=layout_message(compiled.layout),
+            host=socket.gethostname(),
+            protocol_version=wire.PROTOCOL_VERSION,
+            incarnation=secrets.randbits(62) + 1,
+        )
+        reply = await link.register(
+            link.stub.RegisterEvaluator, request, stop, compiled.initial_flat, "the evaluator"
+        )
+        if reply is None:
+            return
+        evaluator = Evaluator(compiled, config, shard_infos(reply.shards), ctx, request.incarnation)
+        write_ready_file(ready_file, {"role": "evaluator"})
+        try:
+            async with asyncio.TaskGroup() as group:
+                beats = group.create_task(
+                    owned("heartbeats", _heartbeats(link, evaluator, request, stop))
+                )
+                await owned("evaluation", evaluator.run(link, stop))
+                beats.cancel()
+        finally:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await link.heartbeat_once(evaluator.heartbeat(leaving=True))
+            await evaluator.aclose()
+    finally:
+        await link.aclose()
+        ctx.term()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsgd.evaluator",
+        description="Evaluate a dsgd cluster's parameters on the model's held-out split.",
+    )
+    add_member_arguments(parser, "write a line here (JSON) once evaluating")
+    parser.add_argument(
+        "--model", help="package.module:factory (default: the model the coordinator runs)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("evaluator", args.log_level)
+
+    async def evaluator_main(stop: asyncio.Event) -> int:
+        await run_evaluator(
+            args.coordinator,
+            stop,
+            model=args.model,
+            ready_file=args.ready_file,
+            connect_timeout=args.connect_timeout,
+        )
+        return 0
+
+    return run_process("evaluator", evaluator_main)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""What every dsgd process does the same way: logging, signals, readiness, owned tasks,
+one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dsgd.errors import CheckpointError, ConfigError, DsgdError, LayoutMismatch, TaskCrashed
+
+EXIT_FAILURE = 1  # worth a restart: a peer was lost, or a task crashed
+EXIT_USER_ERROR = 2  # a mistake a restart cannot fix: the supervisor gives up at once
+
+T = TypeVar("T")
+log = logging.getLogger("dsgd")
+
+
+async def owned(what: str, work: Awaitable[T]) -> T:
+    """Await ``work`` as the task doing ``what``: an unexpected exception becomes
+    :class:`TaskCrashed` naming the task, so the process ends with a line that says which
+    of its tasks died and why. dsgd's own errors and cancellation pass unchanged."""
+    try:
+        return await work
+    except (DsgdError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.error("%s crashed", what, exc_info=exc)  # the traceback, for the log file
+        raise TaskCrashed(f"{what} crashed: {type(exc).__name__}: {exc}") from exc
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (a task group's failure), else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def add_member_arguments(parser: argparse.ArgumentParser, ready: str) -> None:
+    """The flags every cluster member (shard or worker) takes besides its own."""
+    parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    parser.add_argument("--ready-file", help=ready)
+    parser.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
+    )
+    parser.add_argument("--log-level", default="INFO")
+
+
+def setup_logging(role: str, level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {role} %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # JAX and absl are chatty at INFO about platform selection
+    for noisy in ("jax", "absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_ready_file(path: str | None, info: dict[str, Any]) -> None:
+    """Report readiness (bound addresses) atomically, so a launcher never reads half a file."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
+    tmp.replace(target)
+
+
+def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run ``main(stop)`` on a fresh event loop; SIGINT/SIGTERM set ``stop``.
+
+    A user or configuration mistake ends the process with one line on stderr and exit
+    code 2; a peer that cannot be reached or a crashed task, with one line and exit code
+    1 (a supervisor restarts it). A crash's traceback goes to the log, never a user's.
+    """
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    try:
+        return asyncio.run(runner())
+    except BaseException as exc:  # every way out gets its exit code here
+        return exit_code(role, root_cause(exc))
+
+
+def exit_code(role: str, exc: BaseException) -> int:
+    """Say in one line why ``role`` ends on ``exc``; return the exit code that says it."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return int(exc.code or 0)
+    if not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, DsgdError):
+        message = str(exc)
+    else:  # a bug: the traceback goes to the log, the console gets the cause
+        log.error("%s failed", role, exc_info=exc)
+        message = f"crashed: {type(exc).__name__}: {exc}"
+    print(f"dsgd {role}: error: {message}", file=sys.stderr)  # noqa: T201
+    if isinstance(exc, ConfigError | LayoutMismatch | CheckpointError):
+        return EXIT_USER_ERROR
+    return EXIT_FAILURE

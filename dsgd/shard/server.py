@@ -1,0 +1,181 @@
+"""The shard's transport: a ZeroMQ ROUTER and PUB around one :class:`ShardCore`.
+
+- the ROUTER (``data_address``) receives pushes and fetches; each request goes to
+  :meth:`ShardCore.handle` the moment it arrives (a push chunk is applied in place
+  without waiting for the rest of its push) and the replies go back to its sender;
+- the PUB (``pub_address``) broadcasts the shard's version, so workers skip fetches
+  when nothing changed.
+
+The server knows frames and peers, not parameters: what a message means is the core's
+business. Nothing here imports JAX, touches the disk or blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import warnings
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from dsgd import wire
+from dsgd.errors import Closed, ConfigError
+from dsgd.shard.core import ShardCore
+
+log = logging.getLogger("dsgd.shard")
+
+BROADCAST_INTERVAL = 0.005  # seconds between version broadcasts while versions change
+IDLE_BROADCAST_INTERVAL = 0.5  # ... and while they do not (late subscribers learn it)
+
+
+class ShardServer:
+    """Binds on :meth:`start`, serves in :meth:`serve` until cancelled, ends in :meth:`aclose`.
+
+    ``async with ShardServer(core) as server`` binds and serves in a task the server owns
+    (for tests and benchmarks); a shard process runs :meth:`serve` in its own task group.
+    """
+
+    def __init__(
+        self,
+        core: ShardCore,
+        *,
+        host: str = "127.0.0.1",
+        data_port: int = 0,
+        pub_port: int = 0,
+        advertise_host: str | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.core = core
+        self._host = host
+        self._ports = (data_port, pub_port)
+        self._advertise = advertise_host or host
+        self._own_context = context is None
+        self._ctx = context or zmq.asyncio.Context()
+        self._router: zmq.asyncio.Socket | None = None
+        self._pub: zmq.asyncio.Socket | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._closed = False
+        self.data_address = ""
+        self.pub_address = ""
+
+    async def start(self) -> None:
+        """Bind both sockets, raising a one-line ConfigError if a port is taken."""
+        wire.keep_frame_memory()
+        router = self._ctx.socket(zmq.ROUTER)
+        pub = self._ctx.socket(zmq.PUB)
+        self._router, self._pub = router, pub
+        for sock in (router, pub):
+            sock.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)  # a bigger frame: disconnect
+        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.RCVHWM, 100_000)
+        data_port = _bind(router, self._host, self._ports[0], "data")
+        pub_port = _bind(pub, self._host, self._ports[1], "broadcast")
+        self.data_address = f"tcp://{self._advertise}:{data_port}"
+        self.pub_address = f"tcp://{self._advertise}:{pub_port}"
+        log.info(
+            "shard %d listening on %s (versions on %s)",
+            self.core.shard_id,
+            self.data_address,
+            self.pub_address,
+        )
+
+    async def serve(self) -> None:
+        """Receive and answer requests, and broadcast the version, until cancelled."""
+        if self._router is None or self._pub is None:
+            raise Closed("ShardServer.serve() called before start()")
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._receive_loop(self._router), name="shard-receive")
+            group.create_task(self._broadcast_loop(self._pub), name="shard-broadcast")
+
+    async def _receive_loop(self, router: zmq.asyncio.Socket) -> None:
+        core = self.core
+        while True:
+            frames = await router.recv_multipart(copy=False)
+            if len(frames) < 2:
+                core.rejected["framing"] += 1
+                core.rate_log.warning("framing", "a message without an identity and a header")
+                continue
+            identity = frames[0]
+            for reply in core.handle(frames[1:]):
+                if not await self._send(router, identity, reply):
+                    break
+
+    async def _send(self, router: zmq.asyncio.Socket, identity: Any, frames: list[Any]) -> bool:
+        try:
+            await router.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer went away
+            self.core.counters["replies_lost"] += 1
+            self.core.rate_log.warning("send", f"shard {self.core.shard_id}: lost peer: {exc}")
+            return False
+        return True
+
+    async def _broadcast_loop(self, pub: zmq.asyncio.Socket) -> None:
+        last_version, last_sent = -1, 0.0
+        while True:
+            now = time.monotonic()
+            version = self.core.state.version
+            if version != last_version or now - last_sent >= IDLE_BROADCAST_INTERVAL:
+                await pub.send(wire.pack_header(self.core.version_header()))
+                last_version, last_sent = version, now
+            await asyncio.sleep(BROADCAST_INTERVAL)
+
+    async def aclose(self) -> None:
+        """Stop serving (if this server runs its own serve task) and close the sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        crashed: BaseException | None = None
+        if self._serving is not None:
+            self._serving.cancel()
+            try:
+                await self._serving
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # a crashed serve task: surfaced to the owner below
+                crashed = exc
+        for sock in (self._router, self._pub):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._own_context:
+            self._ctx.term()
+        if crashed is not None:
+            raise crashed
+
+    async def start_serving(self) -> None:
+        """Bind, then serve in a task this server owns (awaited by :meth:`aclose`)."""
+        await self.start()
+        self._serving = asyncio.create_task(self.serve(), name=f"shard{self.core.shard_id}")
+
+    async def __aenter__(self) -> ShardServer:
+        await self.start_serving()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def serving(self) -> bool:
+        """Whether the serve task this server owns is still running."""
+        return self._serving is not None and not self._serving.done()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and self._router is not None:
+            warnings.warn(f"ShardServer {self.core.shard_id} was never closed", ResourceWarning, 2)
+
+
+def _bind(sock: zmq.asyncio.Socket, host: str, port: int, what: str) -> int:
+    try:
+        if port == 0:
+            return int(sock.bind_to_random_port(f"tcp://{host}"))
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+    except zmq.ZMQError as exc:
+        raise ConfigError(
+            f"cannot bind the shard's {what} socket on {host}:{port} ({exc}); "
+            "choose another port or stop the process using it"
+        ) from None

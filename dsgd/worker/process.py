@@ -1,0 +1,199 @@
+"""A worker process: joins a cluster, trains one model replica, leaves when the run ends.
+
+Run one by hand with ``python -m dsgd.worker --coordinator HOST:PORT [--model MOD:ATTR]``.
+The replica's training loop itself is :class:`dsgd.worker.replica.Replica`; this module
+registers it (describing the model's layout, and uploading its initial parameters when
+the coordinator asks), runs it beside its heartbeats, and leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from typing import Any
+
+import grpc
+import zmq.asyncio
+
+from dsgd import wire
+from dsgd.config import TrainConfig
+from dsgd.control import CoordinatorLink, layout_message, shard_infos, stats_message
+from dsgd.errors import LayoutMismatch, PeerLost
+from dsgd.model import CompiledModel, ModelSpec, load_model
+from dsgd.proto import control_pb2 as pb
+from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
+from dsgd.worker.replica import Replica
+
+log = logging.getLogger("dsgd.worker")
+
+
+async def load_cluster_model(
+    link: CoordinatorLink, spec: ModelSpec | None, model: str | None
+) -> tuple[TrainConfig, CompiledModel]:
+    """The cluster's configuration, and the model (``spec``, else ``model``, else the one the
+    coordinator names) compiled for its shard count; refused if its layout differs."""
+    status = await link.call(link.stub.Status, pb.StatusRequest(), "reading the cluster layout")
+    config = TrainConfig.from_json(status.config_json)
+    if spec is None:
+        spec = load_model(model or status.model, seed=config.seed)
+    compiled = CompiledModel(spec, status.num_shards)
+    known = status.layout_fingerprint
+    if known and compiled.layout.fingerprint != known:
+        raise LayoutMismatch(
+            f"this model ({model or spec.name}: {compiled.layout.describe()}) differs from the "
+            f"cluster's ({status.model}, fingerprint {known:016x}); start it with the "
+            "cluster's --model"
+        )
+    return config, compiled
+
+
+async def run_worker(
+    coordinator: str,
+    stop: asyncio.Event,
+    *,
+    spec: ModelSpec | None = None,
+    model: str | None = None,
+    worker_id: int = -1,
+    host_label: str = "",
+    ready_file: str | None = None,
+    connect_timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Join the cluster at ``coordinator`` as a worker and train until the run ends.
+
+    The model is ``spec`` when given (in-process clusters), else ``model``
+    (``MOD:ATTR``), else the model the coordinator announces. Returns final stats.
+    """
+    link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
+    ctx = zmq.asyncio.Context()
+    try:
+        config, compiled = await load_cluster_model(link, spec, model)
+        request = pb.RegisterWorkerRequest(
+            worker_id=worker_id,
+            layout_fingerprint=compiled.layout.fingerprint,
+            model=model or compiled.spec.name,
+            host=host_label or socket.gethostname(),
+            protocol_version=wire.PROTOCOL_VERSION,
+            incarnation=secrets.randbits(62) + 1,
+            layout=layout_message(compiled.layout),
+        )
+        reply = await link.register(
+            link.stub.RegisterWorker, request, stop, compiled.initial_flat, "this worker"
+        )
+        if reply is None:
+            return {}
+        replica = Replica(
+            compiled,
+            TrainConfig.from_json(reply.config_json),
+            reply.worker_id,
+            reply.partition,
+            reply.num_partitions,
+            shard_infos(reply.shards),
+            ctx,
+            request.incarnation,
+        )
+        request.worker_id = replica.worker_id  # registering again claims the same slot
+        async with replica:
+            write_ready_file(ready_file, {"worker_id": replica.worker_id})
+            await _train(link, replica, request, config, stop)
+        return replica.stats()
+    finally:
+        await link.aclose()
+        ctx.term()
+
+
+async def _train(
+    link: CoordinatorLink,
+    replica: Replica,
+    request: pb.RegisterWorkerRequest,
+    config: TrainConfig,
+    stop: asyncio.Event,
+) -> None:
+    """Train beside the heartbeats (which set ``stop`` when the run ends), then leave."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            beats = owned("heartbeats", _heartbeats(link, replica, request, config, stop))
+            heartbeats = group.create_task(beats)
+            await owned("training", replica.run(stop))
+            heartbeats.cancel()
+    finally:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await link.heartbeat_once(_heartbeat(replica, leaving=True))
+    log.info(
+        "worker %d done after %d steps (%d pushes)",
+        replica.worker_id,
+        replica.step,
+        replica.counters["pushes"],
+    )
+
+
+def _heartbeat(replica: Replica, leaving: bool = False) -> pb.HeartbeatRequest:
+    return pb.HeartbeatRequest(
+        role=pb.ROLE_WORKER,
+        id=replica.worker_id,
+        incarnation=replica.incarnation,
+        stats=stats_message(replica.stats()),
+        leaving=leaving,
+    )
+
+
+async def _heartbeats(
+    link: CoordinatorLink,
+    replica: Replica,
+    request: pb.RegisterWorkerRequest,
+    config: TrainConfig,
+    stop: asyncio.Event,
+) -> None:
+    """Report progress; follow moved shards; end training when the coordinator says the run
+    is over (``stop``); register again with a restarted coordinator."""
+    while not stop.is_set():
+        reply = await link.heartbeat_once(_heartbeat(replica))
+        if reply is not None and reply.shutdown:
+            log.info("worker %d: coordinator ended the run (%s)", replica.worker_id, reply.reason)
+            stop.set()  # the replica sees it after its current step, then drains
+            return
+        if reply is not None and reply.shards:
+            await replica.update_endpoints(shard_infos(reply.shards))
+        if reply is not None and reply.reregister:
+            log.info("worker %d: coordinator restarted; registering again", replica.worker_id)
+            with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
+                again = await link.call(link.stub.RegisterWorker, request, "registering again")
+                if again.send_initial:
+                    await link.upload_initial(
+                        request.layout.fingerprint, replica.compiled.initial_flat()
+                    )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), config.heartbeat_interval)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsgd.worker", description="Join a dsgd cluster as one model replica."
+    )
+    add_member_arguments(parser, "write the assigned worker id here once training")
+    parser.add_argument(
+        "--model", help="package.module:factory (default: the model the coordinator runs)"
+    )
+    parser.add_argument("--worker-id", type=int, default=-1, help="slot to take (default: any)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("worker" if args.worker_id < 0 else f"worker{args.worker_id}", args.log_level)
+
+    async def worker_main(stop: asyncio.Event) -> int:
+        await run_worker(
+            args.coordinator,
+            stop,
+            model=args.model,
+            worker_id=args.worker_id,
+            ready_file=args.ready_file,
+            connect_timeout=args.connect_timeout,
+        )
+        return 0
+
+    return run_process("worker", worker_main)
