@@ -321,7 +321,7 @@ def plot_paths(records: list[Record], path: Any) -> bool:
     ax.set_yscale("log")
     ax.set_xlabel("parameters in the shard")
     ax.set_ylabel("ns per touched parameter (median)")
-    ax.set_title("shard apply (decode + apply_push, SGD), in process", fontsize=9)
+    ax.set_title("shard apply (decode + ShardCore.apply, SGD), in process", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.suptitle("dsgd's own data path: push, fetch and apply by size")

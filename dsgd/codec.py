@@ -334,6 +334,10 @@ class SparseEncoder:
         self._values()[offset : offset + values.size] += to_float32(values)
         self._finite = False
 
+    def reset(self) -> None:
+        """Forget everything accumulated and not sent (after a divergence or a restore)."""
+        self._zeroed = self._finite = True
+
     def _check(self, update: FlatParams) -> FlatParams:
         """``update`` as a contiguous float32 vector of this range (copied only if needed)."""
         array = np.asarray(update)

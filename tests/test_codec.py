@@ -166,6 +166,8 @@ def test_accumulating_first_sends_the_same_as_encoding_the_sum(case: Any) -> Non
         assert encoded.dense == other.dense
         np.testing.assert_array_equal(densify(encoder.size, encoded), densify(twin.size, other))
         np.testing.assert_array_equal(encoder.residual, twin.residual)
+    twin.reset()
+    assert not twin.residual.any()
 
 
 def test_ties_are_cut_to_exactly_k_lowest_positions_first() -> None:
