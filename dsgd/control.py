@@ -225,25 +225,26 @@ class CoordinatorLink:
         rpc: Callable[..., Awaitable[T]],
         request: Any,
         stop: asyncio.Event,
-        initial: Callable[[], FlatParams],
         what: str,
+        initial: Callable[[], FlatParams] | None = None,
     ) -> T | None:
         """Register (``rpc(request)``) until the cluster is ready for this member.
 
-        Uploads the initial parameters (``initial()``) when the coordinator asks for
-        them, says what the cluster is waiting for every few seconds, and returns None
-        if ``stop`` is set first. A refusal is a one-line ConfigError.
+        Uploads the initial parameters (``initial()``, for members that load the model)
+        when the coordinator asks for them, says what the cluster is waiting for every
+        few seconds, and returns None if ``stop`` is set first. A refusal is a one-line
+        ConfigError.
         """
         waited_since = time.monotonic()
         last_report = 0.0
         while not stop.is_set():
             try:
-                reply: Any = await self.call(rpc, request, what)
+                reply: Any = await self.call(rpc, request, f"registering {what}")
             except grpc.aio.AioRpcError as exc:
                 raise ConfigError(f"the coordinator refused {what}: {exc.details()}") from None
             if reply.ready:
                 return reply
-            if reply.send_initial:
+            if reply.send_initial and initial is not None:
                 await self.upload_initial(request.layout.fingerprint, initial())
                 continue
             now = time.monotonic()

@@ -176,7 +176,7 @@ async def run_evaluator(
             incarnation=secrets.randbits(62) + 1,
         )
         reply = await link.register(
-            link.stub.RegisterEvaluator, request, stop, compiled.initial_flat, "the evaluator"
+            link.stub.RegisterEvaluator, request, stop, "the evaluator", compiled.initial_flat
         )
         if reply is None:
             return

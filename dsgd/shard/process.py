@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import logging
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import zmq.asyncio
 from dsgd import checkpoint
 from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, start_grpc_server, stats_message
-from dsgd.errors import CheckpointError, ConfigError, ProtocolError
+from dsgd.errors import CheckpointError, ProtocolError
 from dsgd.optim import make_optimizer
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
@@ -176,7 +175,10 @@ class ShardProcess:
             version=held.version if held else core.state.version,
             protocol_version=PROTOCOL_VERSION,
         )
-        reply = await self._registered(request, stop)
+        # not ready while the cluster does not know the model yet
+        reply = await self.link.register(
+            self.link.stub.RegisterShard, request, stop, f"shard {self.shard_id}"
+        )
         if reply is None:
             return False
         self.config = TrainConfig.from_json(reply.config_json)
@@ -230,29 +232,6 @@ class ShardProcess:
             shard_range.size,
             state.version,
         )
-
-    async def _registered(
-        self, request: pb.RegisterShardRequest, stop: asyncio.Event
-    ) -> pb.RegisterShardReply | None:
-        """Register until the cluster takes this shard (it may not know the model yet)."""
-        waited_since, last_report = time.monotonic(), 0.0
-        while not stop.is_set():
-            try:
-                reply: pb.RegisterShardReply = await self.link.call(
-                    self.link.stub.RegisterShard, request, f"registering shard {self.shard_id}"
-                )
-            except grpc.aio.AioRpcError as exc:
-                refusal = f"the coordinator refused shard {self.shard_id}: {exc.details()}"
-                raise ConfigError(refusal) from None
-            if reply.ready:
-                return reply
-            now = time.monotonic()
-            if now - last_report > 5.0 and now - waited_since > 1.0:
-                log.info("shard %d waiting for %s", self.shard_id, reply.waiting_for)
-                last_report = now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.2)
-        return None
 
     async def _fetch_initial(self, reply: Any, size: int) -> ShardState:
         arrays: dict[str, np.ndarray] = {}

@@ -81,7 +81,7 @@ async def run_worker(
             layout=layout_message(compiled.layout),
         )
         reply = await link.register(
-            link.stub.RegisterWorker, request, stop, compiled.initial_flat, "this worker"
+            link.stub.RegisterWorker, request, stop, "this worker", compiled.initial_flat
         )
         if reply is None:
             return {}
