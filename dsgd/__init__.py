@@ -18,7 +18,14 @@ from dsgd.errors import (
     ProtocolError,
 )
 from dsgd.layout import Layout
-from dsgd.model import Dataset, ModelSpec, load_model, softmax_cross_entropy
+from dsgd.model import (
+    Dataset,
+    ModelSpec,
+    default_metrics,
+    load_model,
+    mean_squared_error,
+    softmax_cross_entropy,
+)
 
 __all__ = [
     "CheckpointError",
@@ -34,7 +41,9 @@ __all__ = [
     "TrainResult",
     "Dataset",
     "ModelSpec",
+    "default_metrics",
     "load_model",
+    "mean_squared_error",
     "softmax_cross_entropy",
     "train",
 ]

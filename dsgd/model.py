@@ -39,10 +39,19 @@ class Dataset:
     y_test: np.ndarray
 
     def __post_init__(self) -> None:
-        if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
-            raise ModelError("dataset: x and y of a split must have the same number of examples")
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y):
+                raise ModelError(
+                    f"dataset: x_{split} has {len(x)} examples but y_{split} has {len(y)}; "
+                    "give every example exactly one label"
+                )
+            for name, array in ((f"x_{split}", x), (f"y_{split}", y)):
+                _check_finite(name, array)
         if len(self.x_train) == 0:
             raise ModelError("dataset: the training split is empty")
+        if len(self.x_test) == 0:
+            raise ModelError("dataset: the test split is empty; hold out some examples")
 
     def partition(self, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Worker ``index``'s share of the training split (every ``count``-th example)."""
@@ -53,6 +62,21 @@ class Dataset:
                 f"cannot split {len(self.x_train)} training examples over {count} workers"
             )
         return self.x_train[index::count], self.y_train[index::count]
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    """A NaN or infinity in the data poisons every gradient it touches: refuse it up front."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if len(array) else []
+    count = int(np.count_nonzero(bad))
+    if count:
+        first = int(np.argmax(bad))
+        raise ModelError(
+            f"dataset: {name} has NaN or infinite values in {count} example(s) (the first "
+            f"is example {first}); drop or impute them before training"
+        )
 
 
 def batches(
@@ -85,13 +109,64 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
 
 def classification_metrics(outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy of argmax predictions (or of ``outputs > 0`` for a single logit)."""
+    """Accuracy of argmax predictions (or of ``outputs > 0`` for a single logit).
+
+    Labels must be class indices that the outputs can predict: ``0..C-1`` for ``C``
+    output columns, ``0``/``1`` for a single logit (a ModelError says so otherwise).
+    """
     outputs = np.asarray(outputs)
-    if outputs.ndim == 1 or outputs.shape[-1] == 1:
+    labels = np.asarray(labels)
+    binary = outputs.ndim == 1 or outputs.shape[-1] == 1
+    classes = 2 if binary else outputs.shape[-1]
+    if outputs.shape[0] != len(labels):
+        raise ModelError(
+            f"the model gave {outputs.shape[0]} outputs for {len(labels)} test labels; "
+            "apply must return one row per example"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise ModelError(
+            f"labels range over {labels.min()}..{labels.max()} but the model's outputs "
+            f"predict {classes} classes (0..{classes - 1}); fix the labels or the output size"
+        )
+    if binary:
         predicted = (outputs.reshape(len(labels)) > 0).astype(labels.dtype)
     else:
         predicted = outputs.argmax(axis=-1)
     return {"accuracy": float(np.mean(predicted == labels))}
+
+
+def regression_metrics(outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Mean squared error and the coefficient of determination (R^2) of real-valued outputs."""
+    targets = np.asarray(targets, np.float64)
+    outputs = np.asarray(outputs, np.float64)
+    if outputs.size != targets.size:
+        raise ModelError(
+            f"outputs of shape {outputs.shape} do not fit regression targets of shape "
+            f"{targets.shape}; apply must return one value per target (integer labels "
+            "are read as classes, float labels as regression targets)"
+        )
+    outputs = outputs.reshape(targets.shape)
+    mse = float(np.mean((outputs - targets) ** 2))
+    variance = float(np.mean((targets - targets.mean()) ** 2))
+    r2 = 1.0 - mse / variance if variance > 0 else 0.0
+    return {"mse": mse, "r2": r2}
+
+
+def default_metrics(outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy for integer (or boolean) labels, MSE and R^2 for float labels."""
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.floating):
+        return regression_metrics(outputs, labels)
+    if labels.dtype == np.bool_:
+        labels = labels.astype(np.int32)
+    return classification_metrics(outputs, labels)
+
+
+def mean_squared_error(outputs: Array, targets: Array) -> Array:
+    """Mean squared error of ``outputs`` against real-valued ``targets`` (a regression loss)."""
+    import jax.numpy as jnp
+
+    return jnp.mean((jnp.reshape(outputs, jnp.shape(targets)) - targets) ** 2)
 
 
 @dataclass(frozen=True)
@@ -100,8 +175,12 @@ class ModelSpec:
 
     ``apply(params, x) -> outputs``; ``loss(outputs, y) -> scalar``; or instead
     ``grad(params, (x, y)) -> (loss, grads)`` with ``grads`` shaped like ``params``.
-    ``metrics(outputs, y) -> {name: value}`` must include ``accuracy`` (the target);
-    the default handles classification.
+    ``metrics(outputs, y) -> {name: value}``: any names (a ``--target`` may name one;
+    ``loss`` is added from ``loss`` when present); the default gives ``accuracy`` for
+    integer labels and ``mse``/``r2`` for float labels.
+
+    The functions may be JAX code (jitted) or anything else, e.g. NumPy: a ``grad`` that
+    JAX cannot trace runs eagerly on float32 NumPy arrays (see :class:`CompiledModel`).
     """
 
     init_params: PyTree
@@ -110,7 +189,7 @@ class ModelSpec:
     loss: Callable[[Array, Array], Array] | None = None
     grad: Callable[[PyTree, tuple[Array, Array]], tuple[Array, PyTree]] | None = None
     batch_size: int = 32
-    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] = classification_metrics
+    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] = default_metrics
     name: str = "model"
 
     def __post_init__(self) -> None:
@@ -144,14 +223,26 @@ def load_model(ref: str, seed: int = 0) -> ModelSpec:
         accepts_seed = "seed" in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         accepts_seed = False
-    spec = factory(seed=seed) if accepts_seed else factory()
+    with _blame("factory", factory):
+        spec = factory(seed=seed) if accepts_seed else factory()
     if not isinstance(spec, ModelSpec):
         raise ModelError(f"{ref}() returned {type(spec).__name__}, expected dsgd.ModelSpec")
     return spec
 
 
+JIT = "jax.jit"
+EAGER = "eager"
+
+
 class CompiledModel:
-    """A spec bound to its layout, with jitted functions on the flat vector."""
+    """A spec bound to its layout, with its functions on the flat vector.
+
+    Each function runs one of two ways, decided once by :meth:`prepare_gradient` (and, for
+    ``apply``, at the first evaluation): compiled with ``jax.jit`` when JAX can trace it,
+    else eagerly on float32 NumPy arrays (parameters as the same pytree, read-only views
+    of the flat vector). Only a ``grad`` may be eager: a ``loss`` needs JAX to derive its
+    gradient. ``gradient_path`` says which way the gradient runs.
+    """
 
     def __init__(self, spec: ModelSpec, num_shards: int) -> None:
         import jax
@@ -159,6 +250,9 @@ class CompiledModel:
 
         self.spec = spec
         self.layout = Layout.from_pytree(spec.init_params, num_shards)
+        self.gradient_path = ""  # JIT or EAGER, once prepare_gradient has run
+        self.gradient_note = ""  # why the gradient runs eagerly
+        self.outputs_path = ""
         layout = self.layout
         user_grad = spec.grad
         loss_fn = spec.loss
@@ -166,22 +260,33 @@ class CompiledModel:
         if user_grad is not None:
 
             def flat_grad(flat: Array, x: Array, y: Array) -> tuple[Array, Array]:
-                loss, grads = user_grad(layout.unflatten(flat), (x, y))
+                with _blame("grad", user_grad):
+                    loss, grads = user_grad(layout.unflatten(flat), (x, y))
                 leaves = jax.tree_util.tree_leaves(grads)
+                shapes = tuple(tuple(jnp.shape(g)) for g in leaves)
+                if shapes != layout.shapes:  # static under tracing: checked once, at compile
+                    raise ModelError(
+                        f"the model's grad function returned gradients shaped {shapes}; "
+                        f"they must be shaped like the parameters, {layout.shapes}"
+                    )
                 return loss, jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in leaves])
 
         else:
             assert loss_fn is not None
 
             def objective(flat: Array, x: Array, y: Array) -> Array:
-                return loss_fn(spec.apply(layout.unflatten(flat), x), y)
+                with _blame("apply", spec.apply):
+                    outputs = spec.apply(layout.unflatten(flat), x)
+                with _blame("loss", loss_fn):
+                    return loss_fn(outputs, y)
 
             # differentiating with respect to the flat vector itself writes the gradient
             # straight into one buffer instead of concatenating per-leaf gradients
             flat_grad = jax.value_and_grad(objective)
 
         def outputs(flat: Array, x: Array) -> Array:
-            return spec.apply(layout.unflatten(flat), x)
+            with _blame("apply", spec.apply):
+                return spec.apply(layout.unflatten(flat), x)
 
         self.grad_step = jax.jit(flat_grad)
         self._outputs = jax.jit(outputs)
@@ -189,10 +294,84 @@ class CompiledModel:
     def initial_flat(self) -> FlatParams:
         return self.layout.flatten(self.spec.init_params)
 
+    def _params_view(self, flat: FlatParams) -> PyTree:
+        """The pytree of read-only float32 views of ``flat`` an eager function receives."""
+        view = np.asarray(flat, np.float32).view()
+        view.flags.writeable = False
+        return self.layout.unflatten(view)
+
+    def _eager_gradient(
+        self, flat: FlatParams, x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, FlatParams]:
+        assert self.spec.grad is not None
+        with _blame("grad", self.spec.grad):
+            loss, grads = self.spec.grad(self._params_view(flat), (x, y))
+            loss = float(np.asarray(loss))
+        try:
+            return loss, self.layout.flatten(grads)
+        except ModelError as exc:
+            raise ModelError(f"the model's grad function returned gradients that {exc}") from None
+
+    def prepare_gradient(self, x: np.ndarray, y: np.ndarray) -> str:
+        """Decide, on one batch, how the gradient runs: jitted, or eagerly when JAX cannot
+        trace the model's functions. A function that raises for another reason is a
+        ModelError naming it. Returns the path (``jax.jit`` or ``eager``)."""
+        flat = self.initial_flat()
+        try:
+            self.grad_step(flat, x, y)
+        except Exception as traced:
+            if self.spec.grad is None:
+                if not _untraceable(traced):
+                    raise _as_model_error(traced, "loss") from None
+                raise ModelError(
+                    f"{_one_line(traced)}: JAX cannot trace the model's apply or loss, so it "
+                    "cannot derive the gradient; give the spec a grad function (it may use "
+                    "NumPy) or write apply and loss with jax.numpy"
+                ) from None
+            try:
+                self._eager_gradient(flat, x, y)
+            except ModelError:
+                if not _untraceable(traced):
+                    raise _as_model_error(traced, "grad") from None
+                raise
+            self.gradient_path = EAGER
+            self.gradient_note = f"JAX cannot trace grad ({_cause_name(traced)})"
+        else:
+            self.gradient_path = JIT
+        return self.gradient_path
+
     def gradient(self, flat: FlatParams, x: np.ndarray, y: np.ndarray) -> tuple[float, FlatParams]:
-        """Loss and flat float32 gradient at ``flat`` for one batch (runs the jitted step)."""
-        loss, grad = self.grad_step(flat, x, y)
+        """Loss and flat float32 gradient at ``flat`` for one batch.
+
+        Runs the jitted step, or the user's ``grad`` eagerly (see :meth:`prepare_gradient`,
+        which runs first when it has not). A model function that raises is a ModelError.
+        """
+        if not self.gradient_path:
+            self.prepare_gradient(x, y)
+        if self.gradient_path == EAGER:
+            return self._eager_gradient(flat, x, y)
+        try:
+            loss, grad = self.grad_step(flat, x, y)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise _as_model_error(exc, "grad" if self.spec.grad else "loss") from None
         return float(loss), np.asarray(grad)
+
+    def outputs(self, flat: FlatParams, x: np.ndarray) -> np.ndarray:
+        """The model's outputs for ``x`` (jitted, or eager when JAX cannot trace ``apply``)."""
+        if self.outputs_path != EAGER:
+            try:
+                out = np.asarray(self._outputs(flat, x))
+            except Exception as exc:
+                if self.outputs_path == JIT or not _untraceable(exc):
+                    raise _as_model_error(exc, "apply") from None
+                self.outputs_path = EAGER
+            else:
+                self.outputs_path = JIT
+                return out
+        with _blame("apply", self.spec.apply):
+            return np.asarray(self.spec.apply(self._params_view(flat), x))
 
     def evaluate(self, flat: FlatParams, batch_size: int = 1024) -> dict[str, float]:
         """Metrics of ``flat`` on the held-out split, plus ``loss`` when the spec has one.
@@ -201,19 +380,48 @@ class CompiledModel:
         naming the function and the exception, in one line.
         """
         data = self.spec.dataset
-        with _blame("apply", self.spec.apply):
-            outs = [
-                np.asarray(self._outputs(flat, data.x_test[i : i + batch_size]))
-                for i in range(0, len(data.x_test), batch_size)
-            ]
+        outs = [
+            self.outputs(flat, data.x_test[i : i + batch_size])
+            for i in range(0, len(data.x_test), batch_size)
+        ]
         out = np.concatenate(outs)
         with _blame("metrics", self.spec.metrics):
             metrics = dict(self.spec.metrics(out, data.y_test))
             result = {str(k): float(v) for k, v in metrics.items()}
         if self.spec.loss is not None and "loss" not in result:
             with _blame("loss", self.spec.loss):
-                result["loss"] = float(self.spec.loss(out, data.y_test))
+                result["loss"] = float(np.asarray(self.spec.loss(out, data.y_test)))
         return result
+
+
+def _untraceable(exc: BaseException) -> bool:
+    """Whether ``exc`` says that JAX could not trace a function (NumPy or another framework
+    called on a tracer), rather than the function failing on its own."""
+    import jax
+
+    cause = exc.__cause__ if isinstance(exc, ModelError) and exc.__cause__ else exc
+    if isinstance(cause, jax.errors.JAXTypeError | jax.errors.JAXIndexError):
+        return True
+    return "Trace" in str(cause) or "Tracer" in type(cause).__name__
+
+
+def _cause_name(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, ModelError) and exc.__cause__ else exc
+    return type(cause).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, ModelError) and exc.__cause__ else exc
+    line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {line}" if line else type(cause).__name__
+
+
+def _as_model_error(exc: BaseException, role: str) -> ModelError:
+    """``exc`` as the one-line ModelError that blames ``role``. (A ModelError raised inside
+    a traced function comes back with JAX's notes appended: only its first line is kept.)"""
+    if isinstance(exc, ModelError):
+        return ModelError(str(exc).strip().splitlines()[0])
+    return ModelError(f"the model's {role} function raised {_one_line(exc)}")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,10 @@ from dsgd.model import (
     ModelSpec,
     batches,
     classification_metrics,
+    default_metrics,
     load_model,
+    mean_squared_error,
+    regression_metrics,
     softmax_cross_entropy,
 )
 
@@ -183,12 +186,28 @@ def test_spec_batch_size_must_be_positive(batch_size: int) -> None:
 
 def test_dataset_rejects_mismatched_or_empty_splits() -> None:
     x, y = np.zeros((4, 2)), np.zeros(4)
-    with pytest.raises(ModelError, match="same number"):
+    with pytest.raises(ModelError, match="x_train has 4 examples but y_train has 3"):
         Dataset(x, y[:3], x, y)
-    with pytest.raises(ModelError, match="same number"):
+    with pytest.raises(ModelError, match="x_test has 1 examples but y_test has 4"):
         Dataset(x, y, x[:1], y)
-    with pytest.raises(ModelError, match="empty"):
+    with pytest.raises(ModelError, match="training split is empty"):
         Dataset(x[:0], y[:0], x, y)
+    with pytest.raises(ModelError, match="test split is empty"):
+        Dataset(x, y, x[:0], y[:0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_dataset_rejects_non_finite_values_naming_the_example(bad: float) -> None:
+    x, y = np.zeros((5, 3), np.float32), np.zeros(5, np.float32)
+    x_bad = x.copy()
+    x_bad[3, 1] = bad
+    with pytest.raises(ModelError, match=r"x_train .* 1 example\(s\) \(the first is example 3\)"):
+        Dataset(x_bad, y, x, y)
+    y_bad = y.copy()
+    y_bad[2] = bad
+    with pytest.raises(ModelError, match="y_test"):
+        Dataset(x, y, x, y_bad)
+    Dataset(x.astype(np.uint8), y.astype(np.int32), x, y)  # integer arrays hold no NaN
 
 
 def test_dataset_partitions_are_disjoint_and_cover_the_training_split() -> None:
@@ -447,3 +466,144 @@ def test_digits_models_output_ten_logits(factory: Any, apply: Any) -> None:
     assert out.dtype == jnp.float32
     for leaf in jax.tree_util.tree_leaves(spec.init_params):
         assert leaf.dtype == np.float32
+
+
+def test_classification_metrics_refuse_labels_the_outputs_cannot_predict() -> None:
+    logits = np.zeros((3, 4))
+    with pytest.raises(ModelError, match=r"labels range over 0\.\.7 .* 4 classes"):
+        classification_metrics(logits, np.array([0, 7, 1]))
+    with pytest.raises(ModelError, match="2 classes"):
+        classification_metrics(np.zeros(3), np.array([0, 1, 2]))
+    with pytest.raises(ModelError, match="3 outputs for 2 test labels"):
+        classification_metrics(logits, np.array([0, 1]))
+
+
+def test_regression_metrics_are_mse_and_r2() -> None:
+    targets = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    assert regression_metrics(targets, targets) == {"mse": 0.0, "r2": 1.0}
+    mean = np.full(4, targets.mean())
+    assert regression_metrics(mean, targets) == pytest.approx({"mse": 1.25, "r2": 0.0})
+    got = regression_metrics((targets + 1)[:, None], targets)  # a column of outputs fits too
+    assert got == pytest.approx({"mse": 1.0, "r2": 0.2})
+    with pytest.raises(ModelError, match="do not fit regression targets"):
+        regression_metrics(np.zeros((4, 3)), targets)
+
+
+def test_default_metrics_read_float_labels_as_regression_and_others_as_classes() -> None:
+    assert set(default_metrics(np.zeros(3), np.array([0.5, 1.0, 2.0]))) == {"mse", "r2"}
+    assert default_metrics(np.array([[0, 1], [1, 0]]), np.array([1, 0])) == {"accuracy": 1.0}
+    assert default_metrics(np.array([1.0, -1.0]), np.array([True, False])) == {"accuracy": 1.0}
+
+
+def test_mean_squared_error_matches_numpy() -> None:
+    outputs, targets = np.array([[1.0], [3.0]], np.float32), np.array([2.0, 2.0], np.float32)
+    assert float(mean_squared_error(outputs, targets)) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------
+# gradient paths: jitted when JAX can trace the model, eager NumPy when it cannot
+
+
+def _numpy_linear_spec(**changes: Any) -> ModelSpec:
+    """Least squares with a gradient written in NumPy (np.asarray fails on a tracer)."""
+
+    def grad(params: Any, batch: Any) -> Any:
+        x, y = batch
+        w = np.asarray(params["w"])
+        residual = x @ w - y
+        return float(np.mean(residual**2)), {"w": 2 * x.T @ residual / len(y)}
+
+    x = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5], np.float32)).astype(np.float32)
+    base: dict[str, Any] = {
+        "init_params": {"w": np.zeros(3, np.float32)},
+        "apply": lambda p, x: np.asarray(x) @ np.asarray(p["w"]),
+        "grad": grad,
+        "dataset": Dataset(x, y, x[:16], y[:16]),
+    }
+    return ModelSpec(**{**base, **changes})
+
+
+def test_a_jax_model_is_jitted() -> None:
+    model = CompiledModel(digits_mlp(seed=0), num_shards=1)
+    data = model.spec.dataset
+    assert model.prepare_gradient(data.x_train[:8], data.y_train[:8]) == "jax.jit"
+
+
+def test_a_numpy_gradient_runs_eagerly_and_matches_the_math() -> None:
+    model = CompiledModel(_numpy_linear_spec(), num_shards=1)
+    data = model.spec.dataset
+    x, y = data.x_train[:16], data.y_train[:16]
+    assert model.prepare_gradient(x, y) == "eager"
+    assert "TracerArrayConversionError" in model.gradient_note
+    flat = np.array([0.5, 0.5, 0.5], np.float32)
+    loss, grad = model.gradient(flat, x, y)
+    residual = x @ flat - y
+    np.testing.assert_allclose(grad, 2 * x.T @ residual / len(y), rtol=1e-5)
+    assert loss == pytest.approx(float(np.mean(residual**2)), rel=1e-5)
+    assert grad.dtype == np.float32
+    metrics = model.evaluate(flat)  # apply is NumPy too: evaluated eagerly
+    assert model.outputs_path == "eager" and set(metrics) == {"mse", "r2"}
+
+
+def test_an_eager_gradient_gets_read_only_parameters() -> None:
+    def grad(params: Any, batch: Any) -> Any:
+        np.asarray(params["w"])[0] = 99.0  # a bug: writing into the parameters
+        return 0.0, params
+
+    model = CompiledModel(_numpy_linear_spec(grad=grad), num_shards=1)
+    data = model.spec.dataset
+    with pytest.raises(ModelError, match=r"grad function \(.*grad\) raised .*read-only"):
+        model.prepare_gradient(data.x_train[:4], data.y_train[:4])
+
+
+def test_a_gradient_of_the_wrong_shape_is_named() -> None:
+    def grad(params: Any, batch: Any) -> Any:
+        return 0.0, {"w": np.zeros(4, np.float32)}
+
+    model = CompiledModel(_numpy_linear_spec(grad=grad), num_shards=1)
+    data = model.spec.dataset
+    with pytest.raises(ModelError, match=r"returned gradients shaped \(\(4,\),\).*\(\(3,\),\)"):
+        model.prepare_gradient(data.x_train[:4], data.y_train[:4])
+
+
+def test_a_grad_that_raises_is_a_one_line_model_error_naming_it() -> None:
+    def broken_grad(params: Any, batch: Any) -> Any:
+        raise ValueError("shapes do not line up\nsecond line")
+
+    model = CompiledModel(_numpy_linear_spec(grad=broken_grad), num_shards=1)
+    data = model.spec.dataset
+    with pytest.raises(ModelError) as info:
+        model.gradient(model.initial_flat(), data.x_train[:4], data.y_train[:4])
+    assert str(info.value) == (
+        "the model's grad function (test_a_grad_that_raises_is_a_one_line_model_error_naming_it."
+        "<locals>.broken_grad) raised ValueError: shapes do not line up"
+    )
+
+
+def test_a_jax_grad_with_a_bug_is_blamed_not_run_eagerly() -> None:
+    def buggy(params: Any, batch: Any) -> Any:
+        return jnp.sum(params["nope"]), params
+
+    model = CompiledModel(_numpy_linear_spec(grad=buggy), num_shards=1)
+    data = model.spec.dataset
+    with pytest.raises(ModelError, match="grad function .* raised KeyError: 'nope'"):
+        model.prepare_gradient(data.x_train[:4], data.y_train[:4])
+    assert model.gradient_path == ""
+
+
+def test_an_untraceable_loss_asks_for_a_grad_function() -> None:
+    spec = _tiny_spec(apply=lambda p, x: np.asarray(x) @ np.asarray(p["w"]))
+    model = CompiledModel(spec, num_shards=1)
+    data = spec.dataset
+    with pytest.raises(ModelError, match="cannot derive the gradient; give the spec a grad"):
+        model.prepare_gradient(data.x_train[:2], data.y_train[:2])
+
+
+def test_a_factory_that_raises_is_a_model_error_naming_it(fake_module: types.ModuleType) -> None:
+    def factory() -> ModelSpec:
+        raise FileNotFoundError("data/train.csv")
+
+    fake_module.factory = factory  # type: ignore[attr-defined]
+    with pytest.raises(ModelError, match=r"factory function \(.*factory\) raised FileNotFound"):
+        load_model("dsgd_test_fake_models:factory")
