@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         density=args.density,
         max_steps=args.steps,
-        target_accuracy=1.0,
+        target="none",
         max_seconds=1800,
         eval_every=5.0,
     )

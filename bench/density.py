@@ -31,7 +31,7 @@ def run_one(model: str, density: float, seed: int, steps: int, workers: int) -> 
         density=density,
         seed=seed,
         max_steps=steps,
-        target_accuracy=1.0,
+        target="none",
         max_seconds=600,
         eval_every=0.5,
     )

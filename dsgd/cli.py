@@ -35,6 +35,7 @@ def _start(args: argparse.Namespace) -> int:
         out=args.out,
         checkpoint_dir=args.checkpoint_dir,
         restore=args.restore,
+        crash_loop_limit=args.crash_loop_limit,
     )
 
 
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint-dir", type=Path, help="shard checkpoints (default RUN_DIR/checkpoints)"
     )
     start.add_argument("--restore", type=Path, help="resume from a `dsgd checkpoint save` DIR")
+    start.add_argument(
+        "--crash-loop-limit",
+        type=int,
+        default=3,
+        help="end the run when a member exits this many times in a row without progress",
+    )
     start.set_defaults(func=_start)
     status = commands.add_parser("status", help="print a running cluster's members and progress")
     status.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")

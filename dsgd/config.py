@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -18,6 +19,7 @@ from dsgd.optim import OPTIMIZERS
 from dsgd.wire import DEFAULT_CHUNK_BYTES, VALUE_DTYPES
 
 DEFAULT_MODEL = "dsgd.examples.digits:digits_cnn"
+DEFAULT_TARGET = "accuracy>=0.97"
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,13 @@ class TrainConfig:
     num_shards: int = 2
     optimizer: str = "adagrad"
     lr: float = 0.05
+    momentum: float = 0.9  # of --optimizer momentum and nesterov
+    weight_decay: float = 1e-4  # of --optimizer adamw (decoupled)
     local_lr: float | None = None  # worker-side step between fetches; None: same as lr, 0: none
     n_fetch: int = 1
     n_push: int = 1
     batch_size: int = 0  # 0: the model's own default
-    target_accuracy: float = 0.97
+    target: str = DEFAULT_TARGET  # METRIC>=X or METRIC<=X on the test split, or "none"
     max_seconds: float = 300.0
     max_steps: int = 0  # per worker; 0: no limit
     seed: int = 0
@@ -78,6 +82,8 @@ class TrainConfig:
             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
         )
         need(_positive(self.lr), f"--lr must be a positive number, got {self.lr}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(0 <= self.weight_decay < math.inf, f"--weight-decay must be >= 0: {self.weight_decay}")
         need(
             self.local_lr is None or (math.isfinite(self.local_lr) and self.local_lr >= 0),
             f"--local-lr must be >= 0, got {self.local_lr}",
@@ -85,10 +91,7 @@ class TrainConfig:
         need(self.n_fetch >= 1, f"--n-fetch must be >= 1, got {self.n_fetch}")
         need(self.n_push >= 1, f"--n-push must be >= 1, got {self.n_push}")
         need(self.batch_size >= 0, f"--batch-size must be >= 0, got {self.batch_size}")
-        need(
-            0.0 <= self.target_accuracy <= 1.0,
-            f"--target-accuracy must be in [0, 1], got {self.target_accuracy}",
-        )
+        parse_target(self.target)
         need(_positive(self.max_seconds), f"--max-seconds must be > 0, got {self.max_seconds}")
         need(self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}")
         need(_positive(self.eval_every), f"--eval-every must be > 0, got {self.eval_every}")
@@ -166,6 +169,60 @@ def _positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
 
+@dataclass(frozen=True)
+class Target:
+    """When a run has trained enough: ``metric >= value`` or ``metric <= value`` on the
+    held-out split (``metric`` is any name the model's metrics return, or ``loss``)."""
+
+    metric: str
+    op: str  # ">=" or "<="
+    value: float
+
+    def reached(self, metrics: dict[str, float]) -> bool:
+        got = metrics[self.metric]
+        return got >= self.value if self.op == ">=" else got <= self.value
+
+    def better(self, a: float, b: float) -> float:
+        """The better of two values of the metric."""
+        return max(a, b) if self.op == ">=" else min(a, b)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+_TARGET = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_./-]*)\s*(>=|<=)\s*(\S+)\s*")
+
+
+def parse_target(text: str) -> Target | None:
+    """``accuracy>=0.97`` / ``loss<=0.49`` / ``r2>=0.5`` -> a Target; ``none`` -> None."""
+    if text.strip().lower() == "none":
+        return None
+    match = _TARGET.fullmatch(text)
+    value = _float(match.group(3)) if match else None
+    if match is None or value is None or not math.isfinite(value):
+        raise ConfigError(
+            f"--target must look like METRIC>=X or METRIC<=X (e.g. accuracy>=0.97, "
+            f"loss<=0.49), or none; got {text!r}"
+        )
+    target = Target(match.group(1), match.group(2), value)
+    if target.metric == "accuracy" and not (
+        (target.op == ">=" and 0.0 < value <= 1.0) or (target.op == "<=" and 0.0 <= value < 1.0)
+    ):
+        raise ConfigError(
+            f"--target {text}: an accuracy is between 0 and 1 and this target is met "
+            "before training or never; use a value inside (0, 1], or --target none to "
+            "train until the budget runs out"
+        )
+    return target
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def parse_staleness(policy: str) -> tuple[str, int]:
     """``none`` | ``drop:K`` | ``scale`` -> (kind, bound)."""
     if policy in ("none", "scale"):
@@ -185,11 +242,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shards", dest="num_shards", type=int, default=d.num_shards, help="parameter shards")
     add("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="server-side optimizer")
     add("--lr", type=float, default=d.lr, help="server learning rate")
+    add("--momentum", type=float, default=d.momentum, help="for momentum and nesterov")
+    add("--weight-decay", type=float, default=d.weight_decay, help="adamw's weight decay")
     add("--local-lr", type=float, default=None, help="worker local-step lr (default: --lr)")
     add("--n-fetch", type=int, default=d.n_fetch, help="fetch parameters every K steps")
     add("--n-push", type=int, default=d.n_push, help="push accumulated updates every K steps")
     add("--batch-size", type=int, default=d.batch_size, help="0: the model's default")
-    add("--target-accuracy", type=float, default=d.target_accuracy, help="stop when reached")
+    add(
+        "--target",
+        help=f"stop when METRIC>=X or METRIC<=X on the test split, or none (default {d.target})",
+    )
+    add("--target-accuracy", type=float, help="the same as --target accuracy>=A")
     add("--max-seconds", type=float, default=d.max_seconds, help="time budget of the run")
     add("--max-steps", type=int, default=d.max_steps, help="step budget per worker (0: none)")
     add("--seed", type=int, default=d.seed, help="seed of initial parameters and batches")
@@ -215,4 +278,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
     """Build (and so validate) a TrainConfig from parsed flags."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    accuracy = getattr(args, "target_accuracy", None)
+    if accuracy is not None:
+        if "target" in given:
+            raise ConfigError("give --target or --target-accuracy, not both")
+        given["target"] = target_for_accuracy(accuracy)
+    return TrainConfig(**given)
+
+
+def target_for_accuracy(accuracy: float) -> str:
+    """The ``--target`` that ``--target-accuracy A`` stands for."""
+    return f"accuracy>={accuracy:g}"

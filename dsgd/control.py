@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dsgd.errors import ConfigError, ModelError, PeerLost
+from dsgd.errors import Closed, ConfigError, ModelError, PeerLost
 from dsgd.layout import Layout
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
@@ -29,6 +29,7 @@ log = logging.getLogger("dsgd.control")
 
 T = TypeVar("T")
 RPC_TIMEOUT = 5.0
+HEARTBEAT_TIMEOUT = 1.5  # a member's heartbeats (its leaving one, too) wait no longer
 UPLOAD_TIMEOUT = 300.0  # seconds for streaming a model's initial parameters
 TENSOR_CHUNK_ELEMENTS = (1 << 20) // 4  # 1 MiB of float32 per streamed message
 MAX_MESSAGE_BYTES = 8 << 20
@@ -175,20 +176,44 @@ def coordinator_channel(address: str) -> tuple[grpc.aio.Channel, pb_grpc.Coordin
 class CoordinatorLink:
     """A member's calls to the coordinator, retried until ``give_up_after`` seconds pass."""
 
-    def __init__(self, address: str, *, give_up_after: float = 60.0) -> None:
+    def __init__(
+        self, address: str, *, give_up_after: float = 60.0, stop: asyncio.Event | None = None
+    ) -> None:
         self.address = address
         self.give_up_after = give_up_after
+        self.stop = stop  # once set, every wait of the link ends at once with Closed
         self.channel, self.stub = coordinator_channel(address)
         self.reachable = True
         self._down_since: float | None = None
 
+    async def unless_stopped(self, work: Awaitable[T], what: str) -> T:
+        """Await ``work``, or raise :class:`Closed` as soon as ``stop`` is set."""
+        if self.stop is None:
+            return await work
+        if self.stop.is_set():
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise Closed(f"stopped while {what}")
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise Closed(f"stopped while {what}")
+        return task.result()
+
     async def call(self, rpc: Callable[..., Awaitable[T]], request: Any, what: str) -> T:
-        """Call ``rpc(request)`` with a deadline, retrying transient failures with backoff."""
+        """Call ``rpc(request)`` with a deadline, retrying transient failures with backoff;
+        :class:`Closed` as soon as ``stop`` is set."""
         delay = 0.05
         last_report = 0.0
         while True:
             try:
-                reply = await rpc(request, timeout=RPC_TIMEOUT)
+                reply = await self.unless_stopped(rpc(request, timeout=RPC_TIMEOUT), what)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE,
@@ -213,7 +238,7 @@ class CoordinatorLink:
                         what,
                     )
                     last_report = now
-                await asyncio.sleep(delay)
+                await self.unless_stopped(asyncio.sleep(delay), what)
                 delay = min(delay * 2, 1.0)
                 continue
             self._down_since = None
@@ -258,8 +283,11 @@ class CoordinatorLink:
     async def upload_initial(self, fingerprint: int, flat: FlatParams) -> None:
         """Stream the model's initial parameters to the coordinator (1 MiB pieces)."""
         try:
-            await self.stub.UploadInitial(
-                tensor_chunks("params", flat, fingerprint), timeout=UPLOAD_TIMEOUT
+            await self.unless_stopped(
+                self.stub.UploadInitial(
+                    tensor_chunks("params", flat, fingerprint), timeout=UPLOAD_TIMEOUT
+                ),
+                "uploading the initial parameters",
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -270,7 +298,9 @@ class CoordinatorLink:
     async def heartbeat_once(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply | None:
         """One heartbeat; None when the coordinator is unreachable (training goes on)."""
         try:
-            reply: pb.HeartbeatReply = await self.stub.Heartbeat(request, timeout=RPC_TIMEOUT)
+            # short while the coordinator is away: a leaving member must not wait on it
+            timeout = HEARTBEAT_TIMEOUT if self.reachable else 0.5
+            reply: pb.HeartbeatReply = await self.stub.Heartbeat(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if self.reachable:
                 log.warning(
@@ -345,4 +375,5 @@ def stats_message(stats: dict[str, Any]) -> pb.MemberStats:
         rate=float(stats.get("rate", 0.0)),
         loss=float(stats.get("loss", 0.0)),
         counters={k: float(v) for k, v in stats.get("counters", {}).items()},
+        notes={k: str(v) for k, v in stats.get("notes", {}).items()},
     )

@@ -29,7 +29,7 @@ from dsgd import wire
 from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, layout_message, shard_infos, stats_message
 from dsgd.errors import Closed, ModelError, PeerLost, ProtocolError
-from dsgd.model import CompiledModel, ModelSpec
+from dsgd.model import EAGER, CompiledModel, ModelSpec
 from dsgd.proto import control_pb2 as pb
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
 from dsgd.shard.client import ParameterReader
@@ -66,8 +66,11 @@ class Evaluator:
     async def aclose(self) -> None:
         await self.reader.aclose()
 
-    async def run(self, link: CoordinatorLink, stop: asyncio.Event) -> None:
-        """Evaluate every ``eval_every`` seconds until ``stop`` or the run is over."""
+    async def run(
+        self, link: CoordinatorLink, stop: asyncio.Event, ready_file: str | None = None
+    ) -> None:
+        """Evaluate every ``eval_every`` seconds until ``stop`` or the run is over; write
+        ``ready_file`` once the first evaluation is reported."""
         next_at = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -80,6 +83,8 @@ class Evaluator:
                 continue
             report = pb.EvaluationReport(incarnation=self.incarnation, evaluation=evaluation)
             reply = await link.call(link.stub.ReportEvaluation, report, "reporting an evaluation")
+            if self.evaluations == 1:
+                write_ready_file(ready_file, {"role": "evaluator"})
             if reply.shutdown:
                 log.info("evaluator: the run is over (%s)", reply.reason)
                 stop.set()
@@ -105,6 +110,8 @@ class Evaluator:
                 await link.call(link.stub.ReportEvaluation, report, "reporting a failure")
             raise
         seconds = time.perf_counter() - began
+        if not self.evaluations and self.compiled.outputs_path == EAGER:
+            log.warning("JAX cannot trace apply, so it is evaluated eagerly on NumPy arrays")
         self.evaluations += 1
         self.seconds += seconds
         self.rate.add()
@@ -165,7 +172,7 @@ async def run_evaluator(
     connect_timeout: float = 60.0,
 ) -> None:
     """Evaluate for the cluster at ``coordinator`` until the run ends (or ``stop``)."""
-    link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
+    link = CoordinatorLink(coordinator, give_up_after=connect_timeout, stop=stop)
     ctx = zmq.asyncio.Context()
     try:
         config, compiled = await load_cluster_model(link, spec, model)
@@ -181,13 +188,12 @@ async def run_evaluator(
         if reply is None:
             return
         evaluator = Evaluator(compiled, config, shard_infos(reply.shards), ctx, request.incarnation)
-        write_ready_file(ready_file, {"role": "evaluator"})
         try:
             async with asyncio.TaskGroup() as group:
                 beats = group.create_task(
                     owned("heartbeats", _heartbeats(link, evaluator, request, stop))
                 )
-                await owned("evaluation", evaluator.run(link, stop))
+                await owned("evaluation", evaluator.run(link, stop, ready_file))
                 beats.cancel()
         finally:
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -203,7 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m dsgd.evaluator",
         description="Evaluate a dsgd cluster's parameters on the model's held-out split.",
     )
-    add_member_arguments(parser, "write a line here (JSON) once evaluating")
+    add_member_arguments(parser, "write a line here (JSON) once an evaluation is reported")
     parser.add_argument(
         "--model", help="package.module:factory (default: the model the coordinator runs)"
     )

@@ -17,9 +17,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from dsgd.config import TrainConfig
+from dsgd.config import TrainConfig, target_for_accuracy
 from dsgd.coordinator.process import run_coordinator
-from dsgd.errors import DsgdError
+from dsgd.errors import ConfigError, DsgdError
 from dsgd.evaluator import run_evaluator
 from dsgd.layout import Layout
 from dsgd.model import ModelSpec, load_model
@@ -89,8 +89,17 @@ def train(
     """Train ``model`` with Downpour SGD on a local cluster; return parameters and history.
 
     ``model`` is a :class:`ModelSpec` or ``"package.module:factory"``. Any
-    :class:`TrainConfig` field can be given as a keyword (``lr=0.05``, ``max_seconds=60``).
+    :class:`TrainConfig` field can be given as a keyword (``lr=0.05``, ``max_seconds=60``,
+    ``target="loss<=0.3"``; ``target_accuracy=A`` stands for ``target="accuracy>=A"``).
+
+    A run that fails raises: a :class:`~dsgd.errors.ConfigError` for the user's mistake
+    (a model function that raised, a target the metrics do not have), else a DsgdError.
     """
+    accuracy = overrides.pop("target_accuracy", None)
+    if accuracy is not None:
+        if "target" in overrides:
+            raise ConfigError("give target or target_accuracy, not both")
+        overrides["target"] = target_for_accuracy(accuracy)
     base = config or TrainConfig()
     name = model if isinstance(model, str) else f"{getattr(model, 'name', 'model')}:<in-process>"
     config = base.with_(model=name, num_workers=num_workers, num_shards=num_shards, **overrides)
@@ -114,7 +123,10 @@ def train(
     try:
         for role in roles:
             role.start()
-        coordinator.join()
+        while coordinator.is_alive():
+            coordinator.join(0.2)
+            if any(role.error is not None for role in roles):
+                coordinator.request_stop()  # a member failed for good: end the run now
     except KeyboardInterrupt:
         coordinator.request_stop()
         raise
@@ -127,7 +139,10 @@ def train(
         if role.error is not None:
             raise role.error
     final, params = coordinator.result
-    return _result(final.status(), params, Layout.from_pytree(spec.init_params, num_shards))
+    status = final.status()
+    if status.failed:
+        raise (ConfigError if status.usage_error else DsgdError)(status.done_reason)
+    return _result(status, params, Layout.from_pytree(spec.init_params, num_shards))
 
 
 def _member_roles(address: str, config: TrainConfig, spec: ModelSpec) -> list[_Role]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dsgd.config import parse_target
 from dsgd.proto import control_pb2 as pb
 
 ROLE_NAMES = {pb.ROLE_SHARD: "shard", pb.ROLE_WORKER: "worker"}
@@ -22,13 +23,19 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
     shards = sorted(_members(status, pb.ROLE_SHARD), key=lambda m: m.id)
     workers = _members(status, pb.ROLE_WORKER)
     last = status.history[-1] if status.history else None
+    metric = _target_metric(status)
+    values = [h.metrics[metric] for h in status.history if metric in h.metrics]
+    target = parse_target(status.target) if status.target else None
+    best = None
+    for value in values:
+        best = value if best is None or target is None else target.better(best, value)
     return {
-        "test_accuracy": round(last.test_accuracy, 6) if last else None,
-        "best_accuracy": round(max(h.test_accuracy for h in status.history), 6)
-        if status.history
-        else None,
+        "target": status.target,
+        f"test_{metric}": _rounded(last.metrics.get(metric)) if last else None,
+        f"best_{metric}": _rounded(best),
+        "test_loss": _rounded(last.metrics.get("loss")) if last else None,
+        "metrics": {k: _rounded(v) for k, v in sorted(last.metrics.items())} if last else {},
         "reached_target": bool(status.reached_target),
-        "target_accuracy": status.target_accuracy,
         "wall_seconds": round(wall_seconds, 3),
         "train_seconds": round(last.elapsed_seconds, 3) if last else None,
         "done_reason": status.done_reason,
@@ -52,6 +59,16 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
     } | {f"staleness_{q}": _worst(shards, f"staleness_{q}") for q in ("p50", "p90", "p99")}
 
 
+def _target_metric(status: pb.ClusterStatus) -> str:
+    """The metric the run is judged on (accuracy when it has no target)."""
+    target = parse_target(status.target) if status.target else None
+    return target.metric if target is not None else "accuracy"
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
 def _worst(members: list[pb.MemberStatus], name: str) -> float:
     return max((m.stats.counters.get(name, 0.0) for m in members), default=0.0)
 
@@ -61,12 +78,17 @@ def progress_line(status: pb.ClusterStatus) -> str:
     shards = sorted(_members(status, pb.ROLE_SHARD), key=lambda m: m.id)
     workers = _members(status, pb.ROLE_WORKER)
     alive = sum(1 for w in workers if w.state in ("alive", "suspect"))
-    acc = f"{status.history[-1].test_accuracy:.3f}" if status.history else "  -  "
+    metric = _target_metric(status)
+    metrics = status.history[-1].metrics if status.history else {}
+    value = f"{metrics[metric]:.4g}" if metric in metrics else "-"
+    judged = f"test {metric} {value} (target {status.target or 'none'})"
+    if metric != "loss":
+        judged += f", loss {metrics['loss']:.4g}" if "loss" in metrics else ", loss -"
     steps = sum(w.stats.rate for w in workers)
     updates = sum(s.stats.rate for s in shards)
     versions = " ".join(str(s.stats.version) for s in shards) or "-"
     line = (
-        f"[{status.elapsed_seconds:6.1f}s] test acc {acc} (target {status.target_accuracy:g}) | "
+        f"[{status.elapsed_seconds:6.1f}s] {judged} | "
         f"{steps:6.0f} steps/s | {updates:6.0f} updates/s | shard versions {versions} | "
         f"workers {alive}/{status.num_workers}"
     )
@@ -83,7 +105,11 @@ def status_table(status: pb.ClusterStatus) -> str:
     )
     if status.history:
         h = status.history[-1]
-        head += f"\ntest accuracy {h.test_accuracy:.4f} at {h.elapsed_seconds:.0f} s"
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h.metrics.items()))
+        head += f"\ntest {shown} at {h.elapsed_seconds:.0f} s (target {status.target or 'none'})"
+    notes = sorted({f"{k}: {v}" for m in status.members for k, v in m.stats.notes.items()})
+    if notes:
+        head += "\n" + "\n".join(notes)
     if status.done:
         head += f"\nrun finished: {status.done_reason}"
     if status.waiting_for:

@@ -10,11 +10,19 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dsgd.errors import CheckpointError, ConfigError, DsgdError, LayoutMismatch, TaskCrashed
+from dsgd.errors import (
+    CheckpointError,
+    Closed,
+    ConfigError,
+    DsgdError,
+    LayoutMismatch,
+    TaskCrashed,
+)
 
 EXIT_FAILURE = 1  # worth a restart: a peer was lost, or a task crashed
 EXIT_USER_ERROR = 2  # a mistake a restart cannot fix: the supervisor gives up at once
@@ -75,25 +83,67 @@ def write_ready_file(path: str | None, info: dict[str, Any]) -> None:
     tmp.replace(target)
 
 
+STOP_GRACE = 1.2  # seconds after SIGINT/SIGTERM before the main task is cancelled
+STOP_DEADLINE = 1.9  # ... and before the process exits regardless (a thread may be busy)
+
+
 def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run ``main(stop)`` on a fresh event loop; SIGINT/SIGTERM set ``stop``.
+
+    A process asked to stop ends within 2 s whatever it is doing: ``main`` gets
+    ``STOP_GRACE`` seconds to leave cleanly, is then cancelled (its cleanup still runs),
+    and at ``STOP_DEADLINE`` the process exits even if a thread is still busy (a long
+    compile, say), saying so. Stopping is a clean exit (code 0).
 
     A user or configuration mistake ends the process with one line on stderr and exit
     code 2; a peer that cannot be reached or a crashed task, with one line and exit code
     1 (a supervisor restarts it). A crash's traceback goes to the log, never a user's.
     """
+    stopping, finished = threading.Event(), threading.Event()
 
     async def runner() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                return
+            log.info("%s received; stopping", signal.Signals(signum).name)
+            stop.set()
+            stopping.set()
+            loop.call_later(STOP_GRACE, _cancel_if_running, task)
+            threading.Thread(target=_exit_at_deadline, args=(role, finished), daemon=True).start()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         return await main(stop)
 
     try:
         return asyncio.run(runner())
     except BaseException as exc:  # every way out gets its exit code here
-        return exit_code(role, root_cause(exc))
+        cause = root_cause(exc)
+        if stopping.is_set() and isinstance(cause, Closed | asyncio.CancelledError):
+            log.info("%s stopped (%s)", role, cause or "cancelled")
+            return 0
+        return exit_code(role, cause)
+    finally:
+        finished.set()
+
+
+def _cancel_if_running(task: asyncio.Task[Any]) -> None:
+    if not task.done():
+        log.warning("still stopping after %.1f s; cancelling what is left", STOP_GRACE)
+        task.cancel()
+
+
+def _exit_at_deadline(role: str, finished: threading.Event) -> None:
+    if finished.wait(STOP_DEADLINE):
+        return
+    log.warning("%s still busy %.1f s after the stop signal; exiting now", role, STOP_DEADLINE)
+    logging.shutdown()
+    os._exit(0)
 
 
 def exit_code(role: str, exc: BaseException) -> int:

@@ -29,7 +29,7 @@ from typing import IO, Any
 import grpc
 from google.protobuf import json_format
 
-from dsgd.config import TrainConfig
+from dsgd.config import TrainConfig, parse_target
 from dsgd.errors import ConfigError, DsgdError
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
@@ -37,8 +37,9 @@ from dsgd.report import progress_line, summarize
 from dsgd.runtime import EXIT_USER_ERROR
 
 START_TIMEOUT = 120.0  # seconds for the coordinator to report ready (JAX import + compile)
-STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
-MEMBER_EXIT_TIMEOUT = 30.0  # seconds members get to leave once the run is over
+STOP_TIMEOUT = 4.0  # seconds between SIGTERM and SIGKILL (members stop within 2 s)
+MEMBER_EXIT_TIMEOUT = 8.0  # seconds members get to leave once the run is over
+BUDGET_MARGIN = 4.0  # seconds past --max-seconds before the supervisor ends a run itself
 POLL_INTERVAL = 0.1
 PROGRESS_INTERVAL = 2.0
 BACKOFF_FIRST = 0.2  # seconds before the first restart; doubles per quick crash
@@ -46,21 +47,40 @@ BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0  # a process up this long is healthy again: backoff starts over
 
 
+PROGRESS = {
+    "coordinator": "serving",
+    "shard": "registering",
+    "evaluator": "reporting an evaluation",
+    "worker": "having a push applied",
+}  # what a member's ready file says it has done: a restart that gets there made progress
+
+
 @dataclass
 class Child:
-    """One supervised process and its restart bookkeeping."""
+    """One supervised process and its restart bookkeeping.
+
+    ``ready_path`` is the member's ``--ready-file``: written once it makes progress
+    (see PROGRESS), removed before every start, so an exit without it is a crash that
+    got nowhere; ``crash_loop`` counts those in a row."""
 
     name: str
     argv: list[str]
     log_path: Path
+    ready_path: Path
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    crash_loop: int = 0
     started_at: float = 0.0
     backoff: float = BACKOFF_FIRST
     restart_at: float | None = None  # when a crashed process is due to be started again
     log_file: IO[bytes] | None = field(default=None, repr=False)
 
+    @property
+    def role(self) -> str:
+        return self.name.rstrip("0123456789")
+
     def start(self) -> None:
+        self.ready_path.unlink(missing_ok=True)
         if self.log_file is None:
             self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -121,9 +141,11 @@ class Interrupted(Exception):
 
 
 class ChildFailed(DsgdError):
-    """A member failed for good: the message quotes its own error and its last log lines."""
+    """A member failed for good: the message quotes its own error and its last log lines.
+    ``usage``: it stopped on the user's mistake (exit code 2 for the whole run)."""
 
-    def __init__(self, message: str, child: Child) -> None:
+    def __init__(self, message: str, child: Child, *, usage: bool = False) -> None:
+        self.usage = usage
         cause = child.error_line()
         tail = "\n".join("    " + line for line in child.log_lines())
         super().__init__(
@@ -146,6 +168,7 @@ class Supervisor:
         checkpoint_dir: Path | None = None,
         restore: Path | None = None,
         max_restarts: int = 20,
+        crash_loop_limit: int = 3,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
@@ -153,6 +176,7 @@ class Supervisor:
         self.checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
         self.restore = restore
         self.max_restarts = max_restarts
+        self.crash_loop_limit = crash_loop_limit
         self.children: list[Child] = []
         self.started = time.monotonic()
         self.coordinator_address = ""
@@ -179,7 +203,7 @@ class Supervisor:
         except ChildFailed as exc:
             self.say(f"dsgd: error: {exc}")
             self.stop_all()
-            return 1
+            return EXIT_USER_ERROR if exc.usage else 1
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -234,8 +258,8 @@ class Supervisor:
         ]
         if self.restore is not None:
             coordinator_argv += ["--restore", str(self.restore)]
-        coordinator = self.spawn("coordinator", coordinator_argv)
-        self.coordinator_address = self.wait_ready(coordinator, ready)["address"]
+        coordinator = self.spawn("coordinator", coordinator_argv, ready)
+        self.coordinator_address = self.wait_ready(coordinator)["address"]
         # a restarted coordinator must come back where the members look for it
         coordinator.argv += ["--port", self.coordinator_address.rsplit(":", 1)[1]]
         self._channel = grpc.insecure_channel(self.coordinator_address)
@@ -254,8 +278,13 @@ class Supervisor:
         status = self.watch()
         return self.finish(status)
 
-    def spawn(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv, self.run_dir / f"{name}.log")
+    def spawn(self, name: str, argv: list[str], ready: Path | None = None) -> Child:
+        """Start ``argv`` as member ``name``; members other than the coordinator get a
+        ``--ready-file`` (their sign of progress)."""
+        if ready is None:
+            ready = self.run_dir / f"{name}.ready"
+            argv = [*argv, "--ready-file", str(ready)]
+        child = Child(name, argv, self.run_dir / f"{name}.log", ready)
         with self.signals_held():
             child.start()
             self.children.append(child)
@@ -269,11 +298,11 @@ class Supervisor:
         tmp.write_text(json.dumps(pids))
         tmp.replace(self.run_dir / "pids.json")
 
-    def wait_ready(self, child: Child, ready: Path) -> dict[str, Any]:
+    def wait_ready(self, child: Child) -> dict[str, Any]:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if ready.exists():
-                return dict(json.loads(ready.read_text()))
+            if child.ready_path.exists():
+                return dict(json.loads(child.ready_path.read_text()))
             code = child.poll()
             if code is not None:
                 raise ChildFailed(f"{child.name} exited with code {code}", child)
@@ -281,7 +310,8 @@ class Supervisor:
         raise ChildFailed(f"{child.name} did not start within {START_TIMEOUT:.0f} s", child)
 
     def tend(self, run_over: bool) -> None:
-        """Restart crashed children (with backoff); a usage error or too many crashes is fatal."""
+        """Restart crashed children (with backoff). Fatal: a usage error, too many crashes,
+        or a crash loop (``crash_loop_limit`` exits in a row without progress)."""
         now = time.monotonic()
         for child in self.children:
             if child.restart_at is not None:
@@ -294,9 +324,17 @@ class Supervisor:
             if code is None or (run_over and code == 0):
                 continue
             if code == EXIT_USER_ERROR:
-                raise ChildFailed(f"{child.name} stopped on a usage error", child)
+                raise ChildFailed(f"{child.name} stopped on a usage error", child, usage=True)
             if code == 0 and child.name != "coordinator":
                 continue  # a member that left on its own (the run is ending)
+            progressed = child.ready_path.exists()
+            child.crash_loop = 0 if progressed else child.crash_loop + 1
+            if child.crash_loop >= self.crash_loop_limit:
+                raise ChildFailed(
+                    f"{child.name} exited with code {code} {child.crash_loop} times in a row "
+                    f"without {PROGRESS[child.role]}; it would fail the same way again",
+                    child,
+                )
             if child.restarts >= self.max_restarts:
                 raise ChildFailed(
                     f"{child.name} crashed {child.restarts + 1} times (last exit code {code})",
@@ -324,10 +362,17 @@ class Supervisor:
         last_progress = 0.0
         done_at: float | None = None
         status: pb.ClusterStatus | None = None
+        overdue = self.started + self.config.max_seconds + BUDGET_MARGIN
         while True:
             self.tend(run_over=done_at is not None)
             status = self.query() or status
             now = time.monotonic()
+            if done_at is None and now > overdue:
+                self.say(
+                    "dsgd: the time budget is spent and the coordinator has not ended the run; "
+                    "stopping every member"
+                )
+                return status
             if status is not None and now - last_progress >= PROGRESS_INTERVAL:
                 self.say(progress_line(status))
                 last_progress = now
@@ -360,10 +405,10 @@ class Supervisor:
         print(line, flush=True)  # noqa: T201 - the summary is the program's output
         if status.failed:
             self.say(f"dsgd: error: {status.done_reason}")
-            return 1
-        if status.reached_target or self.config.target_accuracy <= 0:
+            return EXIT_USER_ERROR if status.usage_error else 1
+        if status.reached_target or parse_target(self.config.target) is None:
             return 0
-        self.say(f"dsgd: target accuracy not reached ({status.done_reason})")
+        self.say(f"dsgd: target {self.config.target} not reached ({status.done_reason})")
         return 3
 
     def stop_all(self) -> None:
@@ -391,7 +436,10 @@ def start(
     out: Path | None = None,
     checkpoint_dir: Path | None = None,
     restore: Path | None = None,
+    crash_loop_limit: int = 3,
 ) -> int:
+    if crash_loop_limit < 1:
+        raise ConfigError(f"--crash-loop-limit must be >= 1, got {crash_loop_limit}")
     if out is not None and not out.parent.exists():
         raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
     if restore is not None and not (restore / "manifest.json").exists():
@@ -405,4 +453,5 @@ def start(
         out=out,
         checkpoint_dir=checkpoint_dir,
         restore=restore,
+        crash_loop_limit=crash_loop_limit,
     ).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, fields
@@ -11,7 +12,15 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dsgd.config import DEFAULT_MODEL, TrainConfig, parse_staleness
+from dsgd.config import (
+    DEFAULT_MODEL,
+    Target,
+    TrainConfig,
+    add_config_arguments,
+    config_from_arguments,
+    parse_staleness,
+    parse_target,
+)
 from dsgd.errors import ConfigError
 from dsgd.optim import OPTIMIZERS
 from dsgd.wire import DEFAULT_CHUNK_BYTES, VALUE_DTYPES
@@ -39,21 +48,30 @@ INVALID = [
     ("num_workers", 0, "--workers"),
     ("num_workers", -3, "--workers"),
     ("num_shards", 0, "--shards"),
-    ("optimizer", "adam", "--optimizer"),
+    ("optimizer", "lamb", "--optimizer"),
     ("optimizer", "SGD", "--optimizer"),
     ("lr", 0.0, "--lr"),
     ("lr", -0.1, "--lr"),
     ("lr", math.nan, "--lr"),
     ("lr", math.inf, "--lr"),
+    ("momentum", 1.0, "--momentum"),
+    ("momentum", -0.1, "--momentum"),
+    ("momentum", math.nan, "--momentum"),
+    ("weight_decay", -1e-4, "--weight-decay"),
+    ("weight_decay", math.nan, "--weight-decay"),
+    ("weight_decay", math.inf, "--weight-decay"),
     ("local_lr", -0.01, "--local-lr"),
     ("local_lr", math.nan, "--local-lr"),
     ("local_lr", math.inf, "--local-lr"),
     ("n_fetch", 0, "--n-fetch"),
     ("n_push", 0, "--n-push"),
     ("batch_size", -1, "--batch-size"),
-    ("target_accuracy", -0.01, "--target-accuracy"),
-    ("target_accuracy", 1.01, "--target-accuracy"),
-    ("target_accuracy", math.nan, "--target-accuracy"),
+    ("target", "accuracy>=1.01", "--target"),
+    ("target", "accuracy>=0", "--target"),
+    ("target", "accuracy>=nan", "--target"),
+    ("target", "accuracy=0.9", "--target"),
+    ("target", "loss<=", "--target"),
+    ("target", ">=0.5", "--target"),
     ("max_seconds", 0.0, "--max-seconds"),
     ("max_seconds", -5.0, "--max-seconds"),
     ("max_seconds", math.nan, "--max-seconds"),
@@ -108,13 +126,17 @@ def test_every_field_has_an_invalid_case() -> None:
         {"chunk_bytes": 64 << 20},
         {"density": 1.0},
         {"density": 1e-6},
-        {"target_accuracy": 0.0},
-        {"target_accuracy": 1.0},
+        {"target": "accuracy>=1"},
+        {"target": "loss<=0.49"},
+        {"target": "r2 >= 0.5"},
+        {"target": "none"},
         {"local_lr": 0.0},
         {"batch_size": 0},
         {"max_steps": 0},
         {"num_workers": 64, "num_shards": 64},
         {"optimizer": "sgd"},
+        {"optimizer": "nesterov", "momentum": 0.0},
+        {"optimizer": "adamw", "weight_decay": 0.0},
         {"value_dtype": "bfloat16"},
         {"staleness": "drop:0"},
         {"staleness": "scale"},
@@ -169,11 +191,14 @@ valid_configs = st.builds(
     num_shards=st.integers(1, 1000),
     optimizer=st.sampled_from(OPTIMIZERS),
     lr=st.floats(1e-8, 10.0),
+    momentum=st.floats(0.0, 0.999),
+    weight_decay=st.floats(0.0, 1.0),
     local_lr=st.none() | st.floats(0.0, 10.0),
     n_fetch=st.integers(1, 100),
     n_push=st.integers(1, 100),
     batch_size=st.integers(0, 4096),
-    target_accuracy=st.floats(0.0, 1.0),
+    target=st.sampled_from(["none", "loss<=0.3", "r2>=-1"])
+    | st.floats(1e-6, 1.0).map(lambda a: f"accuracy>={a!r}"),
     max_seconds=st.floats(1e-3, 1e6),
     max_steps=st.integers(0, 10**9),
     seed=st.integers(-(2**63), 2**63 - 1),
@@ -292,3 +317,55 @@ def test_parse_staleness_never_raises_anything_but_config_error(policy: str) -> 
         assert bound == int(digits)
     else:
         assert (policy, bound) == (kind, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "metric", "op", "value"),
+    [
+        ("accuracy>=0.97", "accuracy", ">=", 0.97),
+        ("loss<=0.49", "loss", "<=", 0.49),
+        (" r2 >= 0.5 ", "r2", ">=", 0.5),
+        ("log_loss<=1e-2", "log_loss", "<=", 0.01),
+        ("mse<=-1", "mse", "<=", -1.0),
+    ],
+)
+def test_parse_target(text: str, metric: str, op: str, value: float) -> None:
+    target = parse_target(text)
+    assert target == Target(metric, op, value)
+
+
+def test_parse_target_none_means_no_target() -> None:
+    assert parse_target("none") is None
+    assert parse_target("None") is None
+
+
+def test_a_target_is_reached_in_its_direction() -> None:
+    up, down = Target("accuracy", ">=", 0.9), Target("loss", "<=", 0.5)
+    assert up.reached({"accuracy": 0.9}) and not up.reached({"accuracy": 0.89})
+    assert down.reached({"loss": 0.5}) and not down.reached({"loss": 0.51})
+    assert up.better(0.8, 0.9) == 0.9 and down.better(0.8, 0.9) == 0.8
+    assert str(down) == "loss<=0.5"
+
+
+@given(st.text(max_size=30))
+def test_parse_target_never_raises_anything_but_config_error(text: str) -> None:
+    try:
+        parse_target(text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+
+
+def _parsed(*argv: str) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_arguments(parser.parse_args(list(argv)))
+
+
+def test_target_accuracy_is_an_alias_of_target() -> None:
+    assert _parsed().target == "accuracy>=0.97"
+    assert _parsed("--target-accuracy", "0.9").target == "accuracy>=0.9"
+    assert _parsed("--target", "loss<=0.3").target == "loss<=0.3"
+    with pytest.raises(ConfigError, match="not both"):
+        _parsed("--target", "loss<=0.3", "--target-accuracy", "0.9")
+    with pytest.raises(ConfigError, match="--target none"):
+        _parsed("--target-accuracy", "0")

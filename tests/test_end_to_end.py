@@ -35,7 +35,7 @@ def test_one_worker_one_shard_sgd_equals_a_single_process_loop() -> None:
         n_fetch=1,
         n_push=1,
         max_steps=steps,
-        target_accuracy=1.0,
+        target="none",
         eval_every=0.2,
     )
     assert result.summary["steps"] == steps and result.summary["pushes"] == steps

@@ -27,7 +27,7 @@ import numpy as np
 from dsgd import wire
 from dsgd.checkpoint import ClusterCheckpoint
 from dsgd.checkpoint.fileformat import fingerprint_error
-from dsgd.config import TrainConfig
+from dsgd.config import TrainConfig, parse_target
 from dsgd.control import layout_from_message
 from dsgd.coordinator.initial import InitialState
 from dsgd.errors import Refusal, Refused
@@ -104,6 +104,8 @@ class Coordinator:
         self.done_at = 0.0
         self.reached_target = False
         self.failed = False
+        self.usage_error = False  # failed on a user's mistake: a restart would fail the same way
+        self.target = parse_target(config.target)
         self.final_taken = False  # the final parameters were read: shards may leave
         self.refused: dict[str, int] = {}
         self.upload_progress: float | None = None  # when an upload of initial values last moved
@@ -361,6 +363,9 @@ class Coordinator:
         member.ready = True
         if request.leaving:
             member.left = True
+            if request.failure:
+                name = f"{ROLES[request.role]} {request.id}"
+                self.finish(f"{name} stopped: {request.failure}", failed=True, usage_error=True)
             self._check_step_budget()
         return pb.HeartbeatReply(
             shutdown=self._should_stop(member),
@@ -394,17 +399,34 @@ class Coordinator:
             return pb.EvaluationReply(shutdown=True, reason="this evaluator is not registered")
         evaluator.last_seen = time.monotonic()
         if report.failure:
-            self.finish(f"evaluation failed: {report.failure}", failed=True)
+            self.finish(f"evaluation failed: {report.failure}", failed=True, usage_error=True)
             return pb.EvaluationReply(shutdown=True, reason=self.done_reason)
         if not self.done:
             entry = pb.Evaluation()
             entry.CopyFrom(report.evaluation)
             entry.elapsed_seconds = time.monotonic() - self.started
             self.history.append(entry)
-            if entry.test_accuracy >= self.config.target_accuracy:
-                self.finish(f"target accuracy {self.config.target_accuracy:.3f} reached")
-                self.reached_target = True
+            self._judge(dict(entry.metrics))
         return pb.EvaluationReply(shutdown=self.done, reason=self.done_reason)
+
+    def _judge(self, metrics: dict[str, float]) -> None:
+        """End the run if an evaluation meets the target (a target naming a metric the model
+        does not return is the user's mistake, said at the first evaluation)."""
+        target = self.target
+        if target is None:
+            return
+        if target.metric not in metrics:
+            hint = " (it comes from the spec's loss function)" if target.metric == "loss" else ""
+            self.finish(
+                f"--target {self.config.target} names metric {target.metric!r}{hint}, but the "
+                f"model's metrics are: {', '.join(sorted(metrics)) or 'none'}; target one of "
+                f"those or return {target.metric!r} from the spec's metrics",
+                failed=True,
+                usage_error=True,
+            )
+        elif target.reached(metrics):
+            self.finish(f"target {target} reached ({target.metric} {metrics[target.metric]:.4g})")
+            self.reached_target = True
 
     def _check_step_budget(self) -> None:
         config = self.config
@@ -425,7 +447,7 @@ class Coordinator:
         else:
             self.finish(f"time budget of {self.config.max_seconds:.0f} s spent")
 
-    def finish(self, reason: str, *, failed: bool = False) -> None:
+    def finish(self, reason: str, *, failed: bool = False, usage_error: bool = False) -> None:
         """End the run: remember why; members learn it from their next heartbeat."""
         if self.done:
             return
@@ -433,6 +455,7 @@ class Coordinator:
         self.done_at = time.monotonic()
         self.done = True
         self.failed = failed
+        self.usage_error = usage_error
         self.finished.set()
         log.info("run finished: %s", reason)
 
@@ -466,8 +489,9 @@ class Coordinator:
             done_reason=self.done_reason,
             reached_target=self.reached_target,
             failed=self.failed,
+            usage_error=self.usage_error,
             waiting_for=self.waiting_for(),
-            target_accuracy=self.config.target_accuracy,
+            target=self.config.target,
             config_json=self.config.to_json(),
             shards=self.shard_endpoints(),
             refused=self.refused,

@@ -64,13 +64,13 @@ async def run_coordinator(
     )
     try:
         log.info(
-            "coordinator on %s:%d: model %s, %d worker(s), %d shard(s), target accuracy %.3f",
+            "coordinator on %s:%d: model %s, %d worker(s), %d shard(s), target %s",
             host,
             bound,
             config.model,
             config.num_workers,
             config.num_shards,
-            config.target_accuracy,
+            config.target,
         )
         write_ready_file(ready_file, {"address": f"{host}:{bound}"})
         if on_ready is not None:

@@ -19,7 +19,7 @@ ROLE_WORKER: Role
 ROLE_EVALUATOR: Role
 
 class MemberStats(_message.Message):
-    __slots__ = ("version", "step", "rate", "loss", "counters")
+    __slots__ = ("version", "step", "rate", "loss", "counters", "notes")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -27,17 +27,26 @@ class MemberStats(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class NotesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     step: int
     rate: float
     loss: float
     counters: _containers.ScalarMap[str, float]
-    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., rate: _Optional[float] = ..., loss: _Optional[float] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    notes: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., rate: _Optional[float] = ..., loss: _Optional[float] = ..., counters: _Optional[_Mapping[str, float]] = ..., notes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardEndpoint(_message.Message):
     __slots__ = ("shard_id", "data_address", "pub_address", "start", "stop", "incarnation", "control_address")
@@ -222,18 +231,20 @@ class EvaluationReply(_message.Message):
     def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("role", "id", "incarnation", "stats", "leaving")
+    __slots__ = ("role", "id", "incarnation", "stats", "leaving", "failure")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     role: Role
     id: int
     incarnation: int
     stats: MemberStats
     leaving: bool
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ...) -> None: ...
+    failure: str
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("shutdown", "reason", "reregister", "shards")
@@ -295,7 +306,7 @@ class Evaluation(_message.Message):
     def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., eval_seconds: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "target_accuracy", "config_json", "shards", "refused", "failed")
+    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "config_json", "shards", "refused", "failed", "target", "usage_error")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -315,11 +326,12 @@ class ClusterStatus(_message.Message):
     DONE_REASON_FIELD_NUMBER: _ClassVar[int]
     REACHED_TARGET_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
-    TARGET_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    USAGE_ERROR_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_params: int
     layout_fingerprint: int
@@ -332,12 +344,13 @@ class ClusterStatus(_message.Message):
     done_reason: str
     reached_target: bool
     waiting_for: str
-    target_accuracy: float
     config_json: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
     refused: _containers.ScalarMap[str, int]
     failed: bool
-    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., target_accuracy: _Optional[float] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ..., failed: _Optional[bool] = ...) -> None: ...
+    target: str
+    usage_error: bool
+    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ..., failed: _Optional[bool] = ..., target: _Optional[str] = ..., usage_error: _Optional[bool] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)

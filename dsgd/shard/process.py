@@ -30,7 +30,7 @@ from dsgd import checkpoint
 from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, start_grpc_server, stats_message
 from dsgd.errors import CheckpointError, ProtocolError
-from dsgd.optim import make_optimizer
+from dsgd.optim import make_optimizer, state_mismatch
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
@@ -91,6 +91,7 @@ class ShardProcess:
         crashes, the others stop and the process ends naming it, after the same final
         checkpoint, leaving heartbeat and gRPC stop as a clean exit.
         """
+        self.link.stop = stop
         try:
             await self.server.start()
             self._grpc, port = await start_grpc_server(
@@ -200,15 +201,30 @@ class ShardProcess:
         """Take the state this registration gives: streamed initial values, or the
         checkpoint restored at start; with the cluster's optimizer and settings."""
         shard_range = ShardRange(reply.start, reply.stop)
+        config = self.config
+        optimizer = make_optimizer(
+            config.optimizer, config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        restored_from: str | None = None  # restored state must fit; kept state may not
         if reply.send_initial:
             state = await self._fetch_initial(reply, shard_range.size)
+            if state.opt_state or reply.version > 0:
+                restored_from = "the cluster checkpoint the coordinator restored"
         elif held is not None:
+            if held.optimizer != optimizer.name:
+                raise CheckpointError(
+                    f"checkpoint {held.path} was trained with {held.optimizer}, the cluster "
+                    f"uses {optimizer.name}; start the cluster with --optimizer {held.optimizer} "
+                    "or use another --checkpoint-dir"
+                )
             state = ShardState(held.params, dict(held.opt_state), held.version)
+            restored_from = f"checkpoint {held.path}"
         else:
             state = self.core.state
-        optimizer = make_optimizer(self.config.optimizer, self.config.lr)
-        expected = optimizer.init(0).keys()
-        if set(state.opt_state) != set(expected):
+        problem = state_mismatch(optimizer, state.opt_state, shard_range.size)
+        if problem is not None:
+            if restored_from is not None:
+                raise CheckpointError(f"{restored_from} cannot be restored: {problem}")
             if state.opt_state:
                 log.warning(
                     "shard %d: optimizer state %s does not fit %s; starting it afresh",

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import socket
+from functools import partial
 from typing import Any
 
 import grpc
@@ -22,10 +23,17 @@ import zmq.asyncio
 from dsgd import wire
 from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, layout_message, shard_infos, stats_message
-from dsgd.errors import LayoutMismatch, PeerLost
+from dsgd.errors import ConfigError, LayoutMismatch, PeerLost
 from dsgd.model import CompiledModel, ModelSpec, load_model
 from dsgd.proto import control_pb2 as pb
-from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
+from dsgd.runtime import (
+    add_member_arguments,
+    owned,
+    root_cause,
+    run_process,
+    setup_logging,
+    write_ready_file,
+)
 from dsgd.worker.replica import Replica
 
 log = logging.getLogger("dsgd.worker")
@@ -67,7 +75,7 @@ async def run_worker(
     The model is ``spec`` when given (in-process clusters), else ``model``
     (``MOD:ATTR``), else the model the coordinator announces. Returns final stats.
     """
-    link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
+    link = CoordinatorLink(coordinator, give_up_after=connect_timeout, stop=stop)
     ctx = zmq.asyncio.Context()
     try:
         config, compiled = await load_cluster_model(link, spec, model)
@@ -96,8 +104,10 @@ async def run_worker(
             request.incarnation,
         )
         request.worker_id = replica.worker_id  # registering again claims the same slot
+        # ready (for launchers: this worker makes progress) once a push has been applied
+        ready = {"worker_id": replica.worker_id}
+        replica.on_first_push = partial(write_ready_file, ready_file, ready)
         async with replica:
-            write_ready_file(ready_file, {"worker_id": replica.worker_id})
             await _train(link, replica, request, config, stop)
         return replica.stats()
     finally:
@@ -112,16 +122,26 @@ async def _train(
     config: TrainConfig,
     stop: asyncio.Event,
 ) -> None:
-    """Train beside the heartbeats (which set ``stop`` when the run ends), then leave."""
+    """Train beside the heartbeats (which set ``stop`` when the run ends), then leave.
+
+    A model function that raises ends the run: the leaving heartbeat says why, so the
+    coordinator stops every member instead of waiting for this one to come back."""
+    failure = ""
     try:
         async with asyncio.TaskGroup() as group:
             beats = owned("heartbeats", _heartbeats(link, replica, request, config, stop))
             heartbeats = group.create_task(beats)
             await owned("training", replica.run(stop))
             heartbeats.cancel()
+    except BaseException as exc:
+        cause = root_cause(exc)
+        if isinstance(cause, ConfigError):
+            failure = str(cause)
+            raise cause from None
+        raise
     finally:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await link.heartbeat_once(_heartbeat(replica, leaving=True))
+            await link.heartbeat_once(_heartbeat(replica, leaving=True, failure=failure))
     log.info(
         "worker %d done after %d steps (%d pushes)",
         replica.worker_id,
@@ -130,13 +150,14 @@ async def _train(
     )
 
 
-def _heartbeat(replica: Replica, leaving: bool = False) -> pb.HeartbeatRequest:
+def _heartbeat(replica: Replica, leaving: bool = False, failure: str = "") -> pb.HeartbeatRequest:
     return pb.HeartbeatRequest(
         role=pb.ROLE_WORKER,
         id=replica.worker_id,
         incarnation=replica.incarnation,
         stats=stats_message(replica.stats()),
         leaving=leaving,
+        failure=failure,
     )
 
 
@@ -173,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dsgd.worker", description="Join a dsgd cluster as one model replica."
     )
-    add_member_arguments(parser, "write the assigned worker id here once training")
+    add_member_arguments(parser, "write the worker id here once its first push is applied")
     parser.add_argument(
         "--model", help="package.module:factory (default: the model the coordinator runs)"
     )

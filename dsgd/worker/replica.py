@@ -18,7 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -29,7 +29,7 @@ from dsgd import wire
 from dsgd.codec import CodecConfig, Encoded, SparseEncoder
 from dsgd.config import TrainConfig
 from dsgd.errors import Closed, LayoutMismatch, PeerLost, ProtocolError
-from dsgd.model import CompiledModel, batches
+from dsgd.model import EAGER, CompiledModel, batches
 from dsgd.shard.client import SHARD_SILENT, PushResult, ShardClient
 from dsgd.stats import RateMeter
 from dsgd.types import FlatParams, ShardInfo
@@ -128,6 +128,8 @@ class Replica:
         self.loss = float("nan")
         self.rate = RateMeter()
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+        self.notes: dict[str, str] = {}  # facts for status, said once (how the gradient runs)
+        self.on_first_push: Callable[[], None] | None = None  # called once a push is applied
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -205,6 +207,8 @@ class Replica:
                 await self.fetch()
             x, y = next(stream)
             loss, grad = await asyncio.to_thread(self.compiled.gradient, self.params, x, y)
+            if not self.notes:
+                self._note_gradient_path()
             for encoder, shard in zip(self.encoders, self.shards, strict=True):
                 encoder.accumulate(grad[shard.start : shard.stop])
             if local_lr:
@@ -216,6 +220,19 @@ class Replica:
                 await self.push()
         await self.push(flush=True)  # what the residuals still hold, so nothing is left behind
         await self.drain()
+
+    def _note_gradient_path(self) -> None:
+        compiled = self.compiled
+        if compiled.gradient_path == EAGER:
+            self.notes["gradient"] = f"eager NumPy float32 ({compiled.gradient_note})"
+            log.warning(
+                "worker %d: %s, so it runs eagerly on float32 NumPy arrays (slower than "
+                "jax.jit; write it with jax.numpy to compile it)",
+                self.worker_id,
+                compiled.gradient_note,
+            )
+        else:
+            self.notes["gradient"] = compiled.gradient_path
 
     async def _first_fetch(self, stop: asyncio.Event) -> None:
         waited_since = time.monotonic()
@@ -344,6 +361,9 @@ class Replica:
     def _push_done(self, k: int, encoded: Encoded, result: PushResult) -> None:
         """A push to shard k settled: what was never applied goes back to the residual."""
         self._give_back(k, encoded, result.lost)
+        if self.on_first_push is not None and wire.AckStatus.APPLIED in result.statuses:
+            self.on_first_push()
+            self.on_first_push = None
         if result.rejected:
             self.counters["chunks_rejected"] += len(result.rejected)
             log.warning(
@@ -387,4 +407,5 @@ class Replica:
             "rate": self.rate.rate(),
             "loss": 0.0 if np.isnan(self.loss) else float(self.loss),
             "counters": {k: float(v) for k, v in self.counters.items()},
+            "notes": self.notes,
         }
