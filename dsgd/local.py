@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from dsgd.config import TrainConfig, target_for_accuracy
 from dsgd.coordinator.process import run_coordinator
-from dsgd.errors import ConfigError, DsgdError
+from dsgd.errors import Closed, ConfigError, DsgdError
 from dsgd.evaluator import run_evaluator
 from dsgd.layout import Layout
 from dsgd.model import ModelSpec, load_model
@@ -64,7 +64,10 @@ class _Role(threading.Thread):
         try:
             self.result = asyncio.run(body())
         except BaseException as exc:  # reported by train(), a task group's failure unwrapped
-            self.error = root_cause(exc)
+            cause = root_cause(exc)
+            stopped = self._stop_event is not None and self._stop_event.is_set()
+            if not (stopped and isinstance(cause, Closed)):  # Closed: stopped while waiting
+                self.error = cause
         finally:
             self.started_event.set()
 
@@ -103,7 +106,10 @@ def train(
     base = config or TrainConfig()
     name = model if isinstance(model, str) else f"{getattr(model, 'name', 'model')}:<in-process>"
     config = base.with_(model=name, num_workers=num_workers, num_shards=num_shards, **overrides)
-    spec = load_model(model, seed=config.seed) if isinstance(model, str) else model
+    if isinstance(model, str):
+        spec = load_model(model, seed=config.seed, data=config.data, args=config.model_args)
+    else:
+        spec = model
     port_ready = threading.Event()
     address: list[str] = []
 

@@ -99,7 +99,7 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
     code 2; a peer that cannot be reached or a crashed task, with one line and exit code
     1 (a supervisor restarts it). A crash's traceback goes to the log, never a user's.
     """
-    stopping, finished = threading.Event(), threading.Event()
+    stopping, finished = threading.Event(), threading.Event()  # set by a signal; at the end
 
     async def runner() -> int:
         stop = asyncio.Event()
@@ -118,7 +118,12 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        return await main(stop)
+        try:
+            return await main(stop)
+        except Exception as exc:
+            if stop.is_set() and isinstance(root_cause(exc), Closed):
+                return 0  # the run ended (or a signal came) while a call was waiting
+            raise
 
     try:
         return asyncio.run(runner())

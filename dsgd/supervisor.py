@@ -321,8 +321,8 @@ class Supervisor:
                     self.write_pids()
                 continue
             code = child.poll()
-            if code is None or (run_over and code == 0):
-                continue
+            if code is None or (run_over and (code == 0 or child.name != "coordinator")):
+                continue  # still running; or the run is over: nothing to restart it for
             if code == EXIT_USER_ERROR:
                 raise ChildFailed(f"{child.name} stopped on a usage error", child, usage=True)
             if code == 0 and child.name != "coordinator":
