@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from dsgd.errors import ConfigError
+from dsgd.model import parse_model_args
 from dsgd.optim import OPTIMIZERS
 from dsgd.wire import DEFAULT_CHUNK_BYTES, VALUE_DTYPES
 
@@ -27,6 +28,8 @@ class TrainConfig:
     """Everything that shapes a training run. Defaults train the bundled example."""
 
     model: str = DEFAULT_MODEL
+    data: str = ""  # the data directory handed to the model factory (its data= argument)
+    model_args: str = ""  # NAME=VALUE,... keywords for the model factory
     num_workers: int = 2
     num_shards: int = 2
     optimizer: str = "adagrad"
@@ -75,6 +78,7 @@ class TrainConfig:
             ":" in self.model,
             f"--model must look like package.module:factory, got {self.model!r}",
         )
+        parse_model_args(self.model_args)
         need(self.num_workers >= 1, f"--workers must be >= 1, got {self.num_workers}")
         need(self.num_shards >= 1, f"--shards must be >= 1, got {self.num_shards}")
         need(
@@ -238,6 +242,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add = parser.add_argument
     add("--model", default=d.model, help=f"package.module:factory (default {d.model})")
+    add("--data", help="data directory for the model factory (its data= argument)")
+    add(
+        "--model-arg",
+        dest="model_args",
+        action="append",
+        help="NAME=VALUE keyword for the model factory (repeatable)",
+    )
     add("--workers", dest="num_workers", type=int, default=d.num_workers, help="model replicas")
     add("--shards", dest="num_shards", type=int, default=d.num_shards, help="parameter shards")
     add("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="server-side optimizer")
@@ -279,6 +290,8 @@ def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
     """Build (and so validate) a TrainConfig from parsed flags."""
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if isinstance(given.get("model_args"), list):
+        given["model_args"] = ",".join(given["model_args"])
     accuracy = getattr(args, "target_accuracy", None)
     if accuracy is not None:
         if "target" in given:

@@ -29,13 +29,56 @@ from dsgd.types import FlatParams, PyTree
 Array = Any  # a numpy or jax array
 
 
+class Rows:
+    """Rows of a (typically memory-mapped) array picked by index, read only when used.
+
+    A Dataset split may be Rows instead of an array: a worker's partition is then a
+    strided view of the indices, and each batch reads just its own rows, so a process
+    never holds more of a large image set than what it touches.
+    """
+
+    def __init__(self, array: np.ndarray, indices: np.ndarray) -> None:
+        self.array = array
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.indices), *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return int(self.array.ndim)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return Rows(self.array, self.indices[key])
+        picked = self.indices[key]
+        if np.ndim(picked) == 0:
+            return np.asarray(self.array[int(picked)])
+        order = np.argsort(picked, kind="stable")  # read the file front to back
+        out = np.empty((len(picked), *self.array.shape[1:]), self.array.dtype)
+        out[order] = self.array[picked[order]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[np.arange(len(self))]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Training and held-out test arrays (first axis: examples)."""
 
-    x_train: np.ndarray
+    x_train: np.ndarray | Rows
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray | Rows
     y_test: np.ndarray
 
     def __post_init__(self) -> None:
@@ -64,11 +107,11 @@ class Dataset:
         return self.x_train[index::count], self.y_train[index::count]
 
 
-def _check_finite(name: str, array: np.ndarray) -> None:
+def _check_finite(name: str, array: np.ndarray | Rows) -> None:
     """A NaN or infinity in the data poisons every gradient it touches: refuse it up front."""
-    array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.floating):
-        return
+        return  # integers (images, labels) hold no NaN: nothing to read
+    array = np.asarray(array)
     bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if len(array) else []
     count = int(np.count_nonzero(bad))
     if count:
@@ -80,12 +123,18 @@ def _check_finite(name: str, array: np.ndarray) -> None:
 
 
 def batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int
+    x: np.ndarray | Rows,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    augment: Augment | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless shuffled mini-batches (a fresh permutation each epoch, seeded).
 
     Every batch has exactly ``batch_size`` examples (the tail of an epoch that does
-    not fill a batch is dropped), so the jitted step compiles once.
+    not fill a batch is dropped), so the jitted step compiles once. ``augment(x, rng)``,
+    when given, transforms each batch's inputs (random crops, flips) with the same
+    seeded generator.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -96,7 +145,14 @@ def batches(
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            yield x[idx], y[idx]
+            xb, yb = x[idx], y[idx]
+            if augment is not None:
+                with _blame("augment", augment):
+                    xb = augment(xb, rng)
+            yield xb, yb
+
+
+Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
@@ -191,6 +247,7 @@ class ModelSpec:
     batch_size: int = 32
     metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] = default_metrics
     name: str = "model"
+    augment: Augment | None = None  # (x_batch, rng) -> x_batch, on training batches only
 
     def __post_init__(self) -> None:
         if self.loss is None and self.grad is None:
@@ -201,8 +258,12 @@ class ModelSpec:
             raise ModelError(f"the model spec's batch_size must be >= 1, got {self.batch_size}")
 
 
-def load_model(ref: str, seed: int = 0) -> ModelSpec:
-    """Import ``package.module:factory`` and call it; every failure is a one-line ModelError."""
+def load_model(ref: str, seed: int = 0, data: str = "", args: str = "") -> ModelSpec:
+    """Import ``package.module:factory`` and call it; every failure is a one-line ModelError.
+
+    The factory receives ``seed=`` and ``data=`` (``--data``) when it takes them, and the
+    ``--model-arg`` settings ``args`` (``"image_size=48,background=true"``) as keywords.
+    """
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise ModelError(f"model {ref!r} must look like package.module:factory")
@@ -215,19 +276,56 @@ def load_model(ref: str, seed: int = 0) -> ModelSpec:
     factory = getattr(module, attr, None)
     if factory is None:
         raise ModelError(f"module {module_name!r} has no attribute {attr!r}")
+    keywords = parse_model_args(args)
     if isinstance(factory, ModelSpec):
+        if keywords or data:
+            raise ModelError(f"{ref} is a ModelSpec, not a factory: it takes no arguments")
         return factory
     if not callable(factory):
         raise ModelError(f"{ref} is neither a ModelSpec nor a factory returning one")
     try:
-        accepts_seed = "seed" in inspect.signature(factory).parameters
+        takes = set(inspect.signature(factory).parameters)
     except (TypeError, ValueError):
-        accepts_seed = False
+        takes = set()
+    unknown = sorted(set(keywords) - takes)
+    if unknown:
+        raise ModelError(
+            f"--model-arg {unknown[0]}: {ref} takes no such argument "
+            f"(it takes: {', '.join(sorted(takes - {'seed', 'data'})) or 'none'})"
+        )
+    if "seed" in takes:
+        keywords["seed"] = seed
+    if data:
+        if "data" not in takes:
+            raise ModelError(f"--data: {ref} takes no data argument")
+        keywords["data"] = data
     with _blame("factory", factory):
-        spec = factory(seed=seed) if accepts_seed else factory()
+        spec = factory(**keywords)
     if not isinstance(spec, ModelSpec):
         raise ModelError(f"{ref}() returned {type(spec).__name__}, expected dsgd.ModelSpec")
     return spec
+
+
+def parse_model_args(text: str) -> dict[str, Any]:
+    """``"k=v,k2=v2"`` -> keywords; values read as int, float, true/false, else strings."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ModelError(f"--model-arg {item!r} must look like NAME=VALUE")
+        out[key.strip()] = _literal(value.strip())
+    return out
+
+
+def _literal(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 JIT = "jax.jit"
@@ -257,38 +355,44 @@ class CompiledModel:
         user_grad = spec.grad
         loss_fn = spec.loss
 
+        def checked(grads: PyTree) -> tuple[Array, ...]:
+            leaves = tuple(jnp.asarray(g, jnp.float32) for g in jax.tree_util.tree_leaves(grads))
+            shapes = tuple(tuple(jnp.shape(g)) for g in leaves)
+            if shapes != layout.shapes:  # static under tracing: checked once, at compile
+                raise ModelError(
+                    f"the model's grad function returned gradients shaped {shapes}; "
+                    f"they must be shaped like the parameters, {layout.shapes}"
+                )
+            return leaves
+
         if user_grad is not None:
 
-            def flat_grad(flat: Array, x: Array, y: Array) -> tuple[Array, Array]:
+            def leaf_grads(flat: Array, x: Array, y: Array) -> tuple[Array, tuple[Array, ...]]:
                 with _blame("grad", user_grad):
                     loss, grads = user_grad(layout.unflatten(flat), (x, y))
-                leaves = jax.tree_util.tree_leaves(grads)
-                shapes = tuple(tuple(jnp.shape(g)) for g in leaves)
-                if shapes != layout.shapes:  # static under tracing: checked once, at compile
-                    raise ModelError(
-                        f"the model's grad function returned gradients shaped {shapes}; "
-                        f"they must be shaped like the parameters, {layout.shapes}"
-                    )
-                return loss, jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in leaves])
+                return loss, checked(grads)
 
         else:
             assert loss_fn is not None
 
-            def objective(flat: Array, x: Array, y: Array) -> Array:
+            def objective(params: PyTree, x: Array, y: Array) -> Array:
                 with _blame("apply", spec.apply):
-                    outputs = spec.apply(layout.unflatten(flat), x)
+                    outputs = spec.apply(params, x)
                 with _blame("loss", loss_fn):
                     return loss_fn(outputs, y)
 
-            # differentiating with respect to the flat vector itself writes the gradient
-            # straight into one buffer instead of concatenating per-leaf gradients
-            flat_grad = jax.value_and_grad(objective)
+            def leaf_grads(flat: Array, x: Array, y: Array) -> tuple[Array, tuple[Array, ...]]:
+                # with respect to the pytree, not the flat vector: the flat form's gradient
+                # is a pad-and-add of every leaf into one vector, 2-3x slower at 75M
+                loss, grads = jax.value_and_grad(objective)(layout.unflatten(flat), x, y)
+                return loss, checked(grads)
 
         def outputs(flat: Array, x: Array) -> Array:
             with _blame("apply", spec.apply):
                 return spec.apply(layout.unflatten(flat), x)
 
-        self.grad_step = jax.jit(flat_grad)
+        self.grad_step = jax.jit(leaf_grads)  # (loss, per-leaf gradients)
+        self._grad: FlatParams | None = None  # the flat gradient, reused from step to step
         self._outputs = jax.jit(outputs)
 
     def initial_flat(self) -> FlatParams:
@@ -341,7 +445,9 @@ class CompiledModel:
         return self.gradient_path
 
     def gradient(self, flat: FlatParams, x: np.ndarray, y: np.ndarray) -> tuple[float, FlatParams]:
-        """Loss and flat float32 gradient at ``flat`` for one batch.
+        """Loss and flat float32 gradient at ``flat`` for one batch. The jitted path writes
+        the gradient into one buffer reused by every call (a fresh 300 MB vector per step
+        costs its page faults): it is valid until the next call.
 
         Runs the jitted step, or the user's ``grad`` eagerly (see :meth:`prepare_gradient`,
         which runs first when it has not). A model function that raises is a ModelError.
@@ -351,12 +457,17 @@ class CompiledModel:
         if self.gradient_path == EAGER:
             return self._eager_gradient(flat, x, y)
         try:
-            loss, grad = self.grad_step(flat, x, y)
+            loss, leaves = self.grad_step(flat, x, y)
         except ModelError:
             raise
         except Exception as exc:
             raise _as_model_error(exc, "grad" if self.spec.grad else "loss") from None
-        return float(loss), np.asarray(grad)
+        if self._grad is None:
+            self._grad = np.empty(self.layout.size, np.float32)
+        layout = self.layout
+        for leaf, offset, size in zip(leaves, layout.offsets, layout.sizes, strict=True):
+            self._grad[offset : offset + size] = np.asarray(leaf).reshape(-1)
+        return float(loss), self._grad
 
     def outputs(self, flat: FlatParams, x: np.ndarray) -> np.ndarray:
         """The model's outputs for ``x`` (jitted, or eager when JAX cannot trace ``apply``)."""
@@ -381,7 +492,7 @@ class CompiledModel:
         """
         data = self.spec.dataset
         outs = [
-            self.outputs(flat, data.x_test[i : i + batch_size])
+            self.outputs(flat, np.asarray(data.x_test[i : i + batch_size]))
             for i in range(0, len(data.x_test), batch_size)
         ]
         out = np.concatenate(outs)

@@ -47,7 +47,9 @@ async def load_cluster_model(
     status = await link.call(link.stub.Status, pb.StatusRequest(), "reading the cluster layout")
     config = TrainConfig.from_json(status.config_json)
     if spec is None:
-        spec = load_model(model or status.model, seed=config.seed)
+        spec = load_model(
+            model or status.model, seed=config.seed, data=config.data, args=config.model_args
+        )
     compiled = CompiledModel(spec, status.num_shards)
     known = status.layout_fingerprint
     if known and compiled.layout.fingerprint != known:

@@ -69,7 +69,8 @@ def worker_batches(
     x, y = compiled.spec.dataset.partition(partition, num_partitions)
     batch_size = config.batch_size or compiled.spec.batch_size
     who = partition if worker_id is None else worker_id
-    return batches(x, y, batch_size, seed=config.seed * 1_000_003 + who)
+    seed = config.seed * 1_000_003 + who
+    return batches(x, y, batch_size, seed=seed, augment=compiled.spec.augment)
 
 
 class Replica:

@@ -1,0 +1,1 @@
+"""Loaders for public data sets in their official layouts (decoded once, cached)."""
