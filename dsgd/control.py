@@ -22,7 +22,7 @@ from dsgd.errors import Closed, ConfigError, ModelError, PeerLost
 from dsgd.layout import Layout
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
-from dsgd.stats import RateLimitedLog
+from dsgd.stats import RateLimitedLog, peak_rss_bytes
 from dsgd.types import FlatParams, ShardInfo
 
 log = logging.getLogger("dsgd.control")
@@ -374,6 +374,9 @@ def stats_message(stats: dict[str, Any]) -> pb.MemberStats:
         step=int(stats.get("step", 0)),
         rate=float(stats.get("rate", 0.0)),
         loss=float(stats.get("loss", 0.0)),
-        counters={k: float(v) for k, v in stats.get("counters", {}).items()},
+        counters={
+            **{k: float(v) for k, v in stats.get("counters", {}).items()},
+            "peak_rss_bytes": peak_rss_bytes(),  # of the process (all roles, in dsgd.train)
+        },
         notes={k: str(v) for k, v in stats.get("notes", {}).items()},
     )

@@ -7,7 +7,7 @@ from typing import Any
 from dsgd.config import parse_target
 from dsgd.proto import control_pb2 as pb
 
-ROLE_NAMES = {pb.ROLE_SHARD: "shard", pb.ROLE_WORKER: "worker"}
+ROLE_NAMES = {pb.ROLE_SHARD: "shard", pb.ROLE_WORKER: "worker", pb.ROLE_EVALUATOR: "evaluator"}
 
 
 def _members(status: pb.ClusterStatus, role: int) -> list[pb.MemberStatus]:
@@ -56,6 +56,7 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
         "shard_versions": [int(m.stats.version) for m in shards],
         "rejected": int(_counter(shards, "rejected")),
         "evaluations": len(status.history),
+        "peak_rss_mb": _peak_rss(status),
     } | {f"staleness_{q}": _worst(shards, f"staleness_{q}") for q in ("p50", "p90", "p99")}
 
 
@@ -67,6 +68,15 @@ def _target_metric(status: pb.ClusterStatus) -> str:
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
+
+
+def _peak_rss(status: pb.ClusterStatus) -> dict[str, float]:
+    """Peak RSS in MB of the coordinator and of each member's latest process."""
+    out = {"coordinator": round(status.peak_rss_bytes / 1e6, 1)}
+    for m in sorted(status.members, key=lambda m: (m.role, m.id)):
+        name = ROLE_NAMES.get(m.role, "?") + ("" if m.role == pb.ROLE_EVALUATOR else str(m.id))
+        out[name] = round(m.stats.counters.get("peak_rss_bytes", 0.0) / 1e6, 1)
+    return out
 
 
 def _worst(members: list[pb.MemberStatus], name: str) -> float:

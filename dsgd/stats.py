@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import time
 from collections import Counter
 
@@ -10,6 +12,12 @@ import numpy as np
 
 # Staleness histogram buckets: [0], [1], [2, 3], [4, 7], ... [512, inf)
 STALENESS_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident set size, in bytes (``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)
 
 
 class StalenessHistogram:

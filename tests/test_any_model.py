@@ -89,6 +89,10 @@ def test_a_regression_model_stops_on_a_loss_target(tmp_path: Path) -> None:
     assert summary["target"] == "loss<=0.15" and summary["reached_target"]
     assert summary["test_loss"] <= 0.15 and summary["best_loss"] == summary["test_loss"]
     assert set(summary["metrics"]) == {"loss", "mse", "r2"} and summary["metrics"]["r2"] > 0.5
+    rss = summary["peak_rss_mb"]  # every process's own peak, from its heartbeats
+    assert set(rss) == {"coordinator", "shard0", "shard1", "worker0", "worker1", "evaluator"}
+    assert all(20 < mb < 4000 for mb in rss.values()), rss
+    assert rss["shard0"] < rss["worker0"]  # a shard never imports JAX
     progress = [line for line in err.splitlines() if line.startswith("[")]
     assert progress and "test loss" in progress[-1] and "(target loss<=0.15)" in progress[-1]
 

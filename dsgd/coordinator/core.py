@@ -33,6 +33,7 @@ from dsgd.coordinator.initial import InitialState
 from dsgd.errors import Refusal, Refused
 from dsgd.layout import Layout
 from dsgd.proto import control_pb2 as pb
+from dsgd.stats import peak_rss_bytes
 from dsgd.types import FlatParams
 
 log = logging.getLogger("dsgd.coordinator")
@@ -490,6 +491,7 @@ class Coordinator:
             reached_target=self.reached_target,
             failed=self.failed,
             usage_error=self.usage_error,
+            peak_rss_bytes=peak_rss_bytes(),
             waiting_for=self.waiting_for(),
             target=self.config.target,
             config_json=self.config.to_json(),
