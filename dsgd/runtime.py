@@ -107,17 +107,18 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
         task = asyncio.current_task()
         assert task is not None
 
-        def on_signal(signum: int) -> None:
-            if stop.is_set():
+        def on_signal(signum: int, frame: Any = None) -> None:
+            # a plain handler, not the loop's: it runs between any two bytecodes of the main
+            # thread, so the deadline starts even while the loop is busy in a long step; and
+            # it acts even when ``stop`` is already set (the run ended, the member is leaving)
+            if stopping.is_set():
                 return
-            log.info("%s received; stopping", signal.Signals(signum).name)
-            stop.set()
             stopping.set()
-            loop.call_later(STOP_GRACE, _cancel_if_running, task)
             threading.Thread(target=_exit_at_deadline, args=(role, finished), daemon=True).start()
+            loop.call_soon_threadsafe(_begin_stopping, loop, stop, task, signum)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
+            signal.signal(sig, on_signal)
         try:
             return await main(stop)
         except Exception as exc:
@@ -125,6 +126,7 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
                 return 0  # the run ended (or a signal came) while a call was waiting
             raise
 
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return asyncio.run(runner())
     except BaseException as exc:  # every way out gets its exit code here
@@ -135,6 +137,16 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
         return exit_code(role, cause)
     finally:
         finished.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _begin_stopping(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, task: asyncio.Task[Any], signum: int
+) -> None:
+    log.info("%s received; stopping", signal.Signals(signum).name)
+    stop.set()
+    loop.call_later(STOP_GRACE, _cancel_if_running, task)
 
 
 def _cancel_if_running(task: asyncio.Task[Any]) -> None:

@@ -13,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 import dsgd
 from dsgd.errors import ModelError
 from dsgd.examples.digits import digits_mlp
+from dsgd.proto import control_pb2 as pb
+from dsgd.proto import control_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, ProcessGroup
 from tests.models import raising_grad
 
@@ -300,6 +303,22 @@ def test_sigterm_while_draining_to_a_silent_shard(processes: ProcessGroup) -> No
     os.kill(shard.pid, signal.SIGSTOP)
     try:
         time.sleep(0.5)  # pushes pile up unacknowledged
+        assert _seconds_to_stop(processes, worker) < SIGTERM_BOUND + SIGTERM_SLACK
+    finally:
+        os.kill(shard.pid, signal.SIGCONT)
+
+
+def test_sigterm_while_leaving_after_the_run_ended(processes: ProcessGroup) -> None:
+    """The run is over (``stop`` is already set) and the worker drains to a silent shard:
+    a SIGTERM must still end it within the bound (it once went unheeded for 4 s)."""
+    shard, worker = _training_cluster(processes)
+    address = json.loads((processes.tmp / "coordinator.ready").read_text())["address"]
+    os.kill(shard.pid, signal.SIGSTOP)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            stub.Shutdown(pb.ShutdownRequest(reason="test"), timeout=10)
+        _wait_for_log(processes, worker, "coordinator ended the run")
         assert _seconds_to_stop(processes, worker) < SIGTERM_BOUND + SIGTERM_SLACK
     finally:
         os.kill(shard.pid, signal.SIGCONT)
