@@ -40,6 +40,16 @@ from dsgd.worker.process import load_cluster_model
 log = logging.getLogger("dsgd.evaluator")
 
 
+DUTY = 0.25  # the most of its time the evaluator spends evaluating (it shares the cores)
+
+
+def evaluation_interval(eval_every: float, took: float) -> float:
+    """Seconds from the start of one evaluation to the next: ``--eval-every``, or longer
+    when an evaluation is slow (a large model), so that evaluating takes at most a
+    quarter of the evaluator's time and never starves the workers beside it."""
+    return max(eval_every, took / DUTY)
+
+
 class Evaluator:
     """Reads the parameters, evaluates them, reports; until the run is over."""
 
@@ -77,8 +87,9 @@ class Evaluator:
                 await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
             if stop.is_set():
                 return
-            next_at = time.monotonic() + self.config.eval_every
+            began = time.monotonic()
             evaluation = await self.evaluate_once(link)
+            next_at = began + evaluation_interval(self.config.eval_every, time.monotonic() - began)
             if evaluation is None:
                 continue
             report = pb.EvaluationReport(incarnation=self.incarnation, evaluation=evaluation)

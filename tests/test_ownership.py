@@ -158,3 +158,11 @@ def _alive(pid: int) -> bool:
     # a zombie is dead: its parent (the supervisor script) has exited, init reaps it
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split()[2] != "Z"
+
+
+def test_a_slow_evaluation_is_spaced_out_so_it_cannot_starve_training() -> None:
+    from dsgd.evaluator import DUTY, evaluation_interval
+
+    assert evaluation_interval(1.0, 0.05) == 1.0  # a quick model: every --eval-every
+    assert evaluation_interval(1.0, 10.0) == pytest.approx(10.0 / DUTY)  # 40 s for a 10 s one
+    assert evaluation_interval(60.0, 10.0) == 60.0
