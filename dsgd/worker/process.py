@@ -14,10 +14,12 @@ import contextlib
 import logging
 import secrets
 import socket
+import time
 from functools import partial
 from typing import Any
 
 import grpc
+import numpy as np
 import zmq.asyncio
 
 from dsgd import wire
@@ -81,6 +83,7 @@ async def run_worker(
     ctx = zmq.asyncio.Context()
     try:
         config, compiled = await load_cluster_model(link, spec, model)
+        await _prepare(link, compiled, config)
         request = pb.RegisterWorkerRequest(
             worker_id=worker_id,
             layout_fingerprint=compiled.layout.fingerprint,
@@ -115,6 +118,23 @@ async def run_worker(
     finally:
         await link.aclose()
         ctx.term()
+
+
+async def _prepare(link: CoordinatorLink, compiled: CompiledModel, config: TrainConfig) -> None:
+    """Compile (or choose the eager path for) the gradient on one batch before registering:
+    the compile overlaps the cluster's start instead of delaying the first step, and a
+    model that cannot work fails before it takes a slot."""
+    log.info("model %s: %s; preparing its gradient", compiled.spec.name, compiled.layout.describe())
+    data = compiled.spec.dataset
+    batch = min(config.batch_size or compiled.spec.batch_size, len(data.x_train))
+    x, y = np.asarray(data.x_train[:batch]), data.y_train[:batch]
+    if compiled.spec.augment is not None:
+        x = compiled.spec.augment(x, np.random.default_rng(0))
+    began = time.monotonic()
+    path = await link.unless_stopped(
+        asyncio.to_thread(compiled.prepare_gradient, x, y), "compiling the gradient"
+    )
+    log.info("gradient ready (%s) in %.1f s", path, time.monotonic() - began)
 
 
 async def _train(
