@@ -193,6 +193,8 @@ class CoordinatorLink:
         if self.stop.is_set():
             if asyncio.iscoroutine(work):
                 work.close()
+            elif hasattr(work, "cancel"):
+                work.cancel()  # a gRPC call object: it started when it was made
             raise Closed(f"stopped while {what}")
         task = asyncio.ensure_future(work)
         stopped = asyncio.ensure_future(self.stop.wait())

@@ -72,6 +72,8 @@ class _Role(threading.Thread):
             self.started_event.set()
 
     def request_stop(self) -> None:
+        if self.ident is None:
+            return  # never started
         self.started_event.wait()
         loop, stop = self._loop, self._stop_event
         if loop is not None and stop is not None and not loop.is_closed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -115,7 +116,8 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
                 return
             stopping.set()
             threading.Thread(target=_exit_at_deadline, args=(role, finished), daemon=True).start()
-            loop.call_soon_threadsafe(_begin_stopping, loop, stop, task, signum)
+            with contextlib.suppress(RuntimeError):  # the loop already closed: we are ending
+                loop.call_soon_threadsafe(_begin_stopping, loop, stop, task, signum)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
@@ -136,9 +138,9 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
             return 0
         return exit_code(role, cause)
     finally:
-        finished.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        finished.set()
 
 
 def _begin_stopping(
@@ -158,8 +160,9 @@ def _cancel_if_running(task: asyncio.Task[Any]) -> None:
 def _exit_at_deadline(role: str, finished: threading.Event) -> None:
     if finished.wait(STOP_DEADLINE):
         return
-    log.warning("%s still busy %.1f s after the stop signal; exiting now", role, STOP_DEADLINE)
-    logging.shutdown()
+    # os.write, not logging: the stuck main thread may hold a handler's lock
+    line = f"dsgd {role}: still busy {STOP_DEADLINE} s after the stop signal; exiting now\n"
+    os.write(2, line.encode())
     os._exit(0)
 
 

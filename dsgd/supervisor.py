@@ -314,6 +314,8 @@ class Supervisor:
         or a crash loop (``crash_loop_limit`` exits in a row without progress)."""
         now = time.monotonic()
         for child in self.children:
+            if child.restart_at is not None and run_over and child.name != "coordinator":
+                child.restart_at = None  # the run ended while it waited: nothing to restart for
             if child.restart_at is not None:
                 if now >= child.restart_at:
                     with self.signals_held():
@@ -321,7 +323,9 @@ class Supervisor:
                     self.write_pids()
                 continue
             code = child.poll()
-            if code is None or (run_over and (code == 0 or child.name != "coordinator")):
+            if child.name == "coordinator" and code == 0:
+                continue  # it exits 0 only once the run is over (watch() sees that)
+            if code is None or (run_over and child.name != "coordinator"):
                 continue  # still running; or the run is over: nothing to restart it for
             if code == EXIT_USER_ERROR:
                 raise ChildFailed(f"{child.name} stopped on a usage error", child, usage=True)
@@ -367,6 +371,8 @@ class Supervisor:
             self.tend(run_over=done_at is not None)
             status = self.query() or status
             now = time.monotonic()
+            if self.children[0].poll() == 0:
+                return status  # the coordinator is done (finish() reads its status.json)
             if done_at is None and now > overdue:
                 self.say(
                     "dsgd: the time budget is spent and the coordinator has not ended the run; "
@@ -413,6 +419,7 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """SIGTERM every child still running (workers first), then SIGKILL stragglers."""
+        self._holding_signals = True  # a second Ctrl-C must not cut this short
         for child in reversed(self.children):
             child.restart_at = None
             child.terminate()
