@@ -329,5 +329,6 @@ def test_a_budget_run_ends_within_15_s_of_its_budget(tmp_path: Path) -> None:
         tmp_path, "--model", MLP, "--target", "accuracy>=1", "--max-seconds", "8", timeout=90
     )
     assert code == 3, err[-3000:]
-    assert "time budget of 8 s spent" in summary_of(out)["done_reason"]
+    reason = summary_of(out)["done_reason"]  # on a loaded machine, maybe before any step
+    assert "time budget of 8 s spent" in reason or "gave up after 8 s" in reason, reason
     assert took < 8 + 15, f"took {took:.1f} s for an 8 s budget"
