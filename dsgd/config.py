@@ -21,6 +21,9 @@ from dsgd.wire import DEFAULT_CHUNK_BYTES, VALUE_DTYPES
 
 DEFAULT_MODEL = "dsgd.examples.digits:digits_cnn"
 DEFAULT_TARGET = "accuracy>=0.97"
+# the most the evaluator's final evaluation of the whole held-out split may take (longer:
+# it reports the last sample's result); members' exit deadlines allow for it
+FINAL_EVALUATION_SECONDS = 45.0
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class TrainConfig:
     max_steps: int = 0  # per worker; 0: no limit
     seed: int = 0
     eval_every: float = 1.0  # seconds between evaluations of the test split
-    evaluator: bool = True  # an evaluator judges the target (workers start after its first)
+    eval_sample: int = 1000  # held-out examples each periodic evaluation uses (0: all)
+    evaluator: bool = True  # an evaluator judges the target (workers start once it has read)
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.5
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -99,6 +103,7 @@ class TrainConfig:
         need(_positive(self.max_seconds), f"--max-seconds must be > 0, got {self.max_seconds}")
         need(self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}")
         need(_positive(self.eval_every), f"--eval-every must be > 0, got {self.eval_every}")
+        need(self.eval_sample >= 0, f"--eval-sample must be >= 0, got {self.eval_sample}")
         need(
             _positive(self.heartbeat_interval),
             f"--heartbeat-interval must be > 0, got {self.heartbeat_interval}",
@@ -268,6 +273,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-steps", type=int, default=d.max_steps, help="step budget per worker (0: none)")
     add("--seed", type=int, default=d.seed, help="seed of initial parameters and batches")
     add("--eval-every", type=float, default=d.eval_every, help="seconds between evaluations")
+    add(
+        "--eval-sample",
+        type=int,
+        default=d.eval_sample,
+        help="held-out examples judged periodically; the whole split at the end (0: all)",
+    )
     add(
         "--no-evaluator",
         dest="evaluator",

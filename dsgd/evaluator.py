@@ -5,9 +5,13 @@
 It registers with the coordinator (describing the model, as a worker does), reads the
 whole parameter vector from the shards every ``eval_every`` seconds as a worker's full
 fetch would, evaluates it in a thread and reports each result; the coordinator decides
-whether the target is reached. A model function that raises ends the run: the
-evaluator reports why and exits with a usage error, since a restart would fail the same
-way. The supervisor starts one evaluator; ``dsgd.train`` runs it in a thread.
+whether the target is reached. Workers are admitted once the first read is done (not
+the first evaluation: at 75M parameters that takes many seconds). Periodic evaluations
+use a fixed sample of ``--eval-sample`` held-out examples; once the run is over, the
+final parameters are evaluated on the whole split, which the summary reports. A model
+function that raises ends the run: the evaluator reports why and exits with a usage
+error, since a restart would fail the same way. The supervisor starts one evaluator;
+``dsgd.train`` runs it in a thread.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import zmq.asyncio
 
 from dsgd import wire
-from dsgd.config import TrainConfig
+from dsgd.config import FINAL_EVALUATION_SECONDS, TrainConfig
 from dsgd.control import CoordinatorLink, layout_message, shard_infos, stats_message
 from dsgd.errors import Closed, ModelError, PeerLost, ProtocolError
 from dsgd.model import EAGER, CompiledModel, ModelSpec
@@ -72,6 +76,9 @@ class Evaluator:
         self.skipped = 0
         self.seconds = 0.0  # spent evaluating, in all
         self.last: dict[str, float] = {}
+        self.sample = compiled.evaluation_sample(config.eval_sample, config.seed)
+        self.over = asyncio.Event()  # the run is over (the final evaluation is still to come)
+        self.finished = asyncio.Event()  # nothing more to evaluate: heartbeats may end
 
     async def aclose(self) -> None:
         await self.reader.aclose()
@@ -79,16 +86,25 @@ class Evaluator:
     async def run(
         self, link: CoordinatorLink, stop: asyncio.Event, ready_file: str | None = None
     ) -> None:
-        """Evaluate every ``eval_every`` seconds until ``stop`` or the run is over; write
-        ``ready_file`` once the first evaluation is reported."""
+        """Evaluate every ``eval_every`` seconds until the run is over (or ``stop``), then
+        the whole split once; write ``ready_file`` once the first evaluation is reported."""
+        try:
+            await self._periodic(link, stop, ready_file)
+            if self.over.is_set() and not stop.is_set() and self.sample is not None:
+                await self._final(link)
+        finally:
+            self.finished.set()
+
+    async def _periodic(
+        self, link: CoordinatorLink, stop: asyncio.Event, ready_file: str | None
+    ) -> None:
         next_at = time.monotonic()
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
-            if stop.is_set():
+        while not (stop.is_set() or self.over.is_set()):
+            await _wait_any((stop, self.over), next_at - time.monotonic())
+            if stop.is_set() or self.over.is_set():
                 return
             began = time.monotonic()
-            evaluation = await self.evaluate_once(link)
+            evaluation = await self.evaluate_once(link, self.sample)
             next_at = began + evaluation_interval(self.config.eval_every, time.monotonic() - began)
             if evaluation is None:
                 continue
@@ -98,10 +114,39 @@ class Evaluator:
                 write_ready_file(ready_file, {"role": "evaluator"})
             if reply.shutdown:
                 log.info("evaluator: the run is over (%s)", reply.reason)
-                stop.set()
+                self.over.set()
 
-    async def evaluate_once(self, link: CoordinatorLink) -> pb.Evaluation | None:
-        """Read and evaluate the current parameters; None if a shard did not answer.
+    async def _final(self, link: CoordinatorLink) -> None:
+        """Evaluate the final parameters on the whole held-out split and report it, unless
+        that would take longer than FINAL_EVALUATION_SECONDS (going by the sample's cost)."""
+        assert self.sample is not None
+        total = len(self.compiled.spec.dataset.x_test)
+        per_example = self.seconds / max(1, self.evaluations * len(self.sample))
+        expected = per_example * total
+        if self.evaluations and expected > FINAL_EVALUATION_SECONDS:
+            log.warning(
+                "no final evaluation: the whole split (%d examples) would take about %.0f s; "
+                "the last result covers a sample of %d",
+                total,
+                expected,
+                len(self.sample),
+            )
+            return
+        evaluation = await self.evaluate_once(link, None)
+        if evaluation is None:
+            return
+        evaluation.final = True
+        report = pb.EvaluationReport(incarnation=self.incarnation, evaluation=evaluation)
+        await link.call(link.stub.ReportEvaluation, report, "reporting the final evaluation")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(evaluation.metrics.items()))
+        log.info("final evaluation of all %d held-out examples: %s", total, shown)
+
+    async def evaluate_once(
+        self, link: CoordinatorLink, rows: np.ndarray | None
+    ) -> pb.Evaluation | None:
+        """Read the current parameters and evaluate them on ``rows`` of the held-out split
+        (None: all of it); None if a shard did not answer. The first read is reported at
+        once: workers wait for it, so that the first evaluation sees the initial parameters.
 
         A model function that raises is reported to the coordinator (ending the run)
         and raised as a ModelError.
@@ -112,9 +157,12 @@ class Evaluator:
             self.skipped += 1
             log.warning("evaluation skipped: %s", exc)
             return None
+        if not self.evaluations:
+            read = pb.EvaluationReport(incarnation=self.incarnation, read=True)
+            await link.call(link.stub.ReportEvaluation, read, "reporting the first read")
         began = time.perf_counter()
         try:
-            metrics = await asyncio.to_thread(self.compiled.evaluate, self.flat)
+            metrics = await asyncio.to_thread(self.compiled.evaluate, self.flat, rows)
         except ModelError as exc:
             report = pb.EvaluationReport(incarnation=self.incarnation, failure=str(exc))
             with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
@@ -123,6 +171,7 @@ class Evaluator:
         seconds = time.perf_counter() - began
         if not self.evaluations and self.compiled.outputs_path == EAGER:
             log.warning("JAX cannot trace apply, so it is evaluated eagerly on NumPy arrays")
+        examples = len(self.compiled.spec.dataset.x_test) if rows is None else len(rows)
         self.evaluations += 1
         self.seconds += seconds
         self.rate.add()
@@ -133,7 +182,7 @@ class Evaluator:
             total_version=total_version,
             metrics=metrics,
             eval_seconds=seconds,
-            examples=len(self.compiled.spec.dataset.x_test),
+            examples=examples,
         )
 
     def heartbeat(self, leaving: bool = False) -> pb.HeartbeatRequest:
@@ -158,19 +207,28 @@ async def _heartbeats(
     request: pb.RegisterEvaluatorRequest,
     stop: asyncio.Event,
 ) -> None:
-    """Report liveness; follow moved shards; stop when the run is over."""
-    while not stop.is_set():
+    """Report liveness (through the final evaluation too); follow moved shards; say
+    when the run is over."""
+    while not (stop.is_set() or evaluator.finished.is_set()):
         reply = await link.heartbeat_once(evaluator.heartbeat())
         if reply is not None and reply.shutdown:
-            stop.set()
-            return
+            evaluator.over.set()
         if reply is not None and reply.shards:
             evaluator.shards = shard_infos(reply.shards)
         if reply is not None and reply.reregister:
             with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
                 await link.call(link.stub.RegisterEvaluator, request, "registering again")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), evaluator.config.heartbeat_interval)
+        await _wait_any((stop, evaluator.finished), evaluator.config.heartbeat_interval)
+
+
+async def _wait_any(events: Sequence[asyncio.Event], seconds: float) -> None:
+    """Return once any of ``events`` is set, or after ``seconds``."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def run_evaluator(

@@ -171,7 +171,13 @@ def _result(status: Any, params: FlatParams | None, layout: Layout) -> TrainResu
     if params is None:
         raise DsgdError(f"the run ended without final parameters: {status.done_reason}")
     history = [
-        {"elapsed_seconds": h.elapsed_seconds, "test_accuracy": h.test_accuracy, **h.metrics}
+        {
+            "elapsed_seconds": h.elapsed_seconds,
+            "test_accuracy": h.test_accuracy,
+            "examples": h.examples,
+            "final": h.final,
+            **h.metrics,
+        }
         for h in status.history
     ]
     return TrainResult(

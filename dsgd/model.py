@@ -484,25 +484,42 @@ class CompiledModel:
         with _blame("apply", self.spec.apply):
             return np.asarray(self.spec.apply(self._params_view(flat), x))
 
-    def evaluate(self, flat: FlatParams, batch_size: int = 1024) -> dict[str, float]:
-        """Metrics of ``flat`` on the held-out split, plus ``loss`` when the spec has one.
+    def evaluate(
+        self, flat: FlatParams, rows: np.ndarray | None = None, batch_size: int = 0
+    ) -> dict[str, float]:
+        """Metrics of ``flat`` on the held-out split (or its ``rows``), plus ``loss`` when
+        the spec has one. Batches hold about 16 MB of inputs (at most 1024 examples), so
+        a large model's activations stay small.
 
         A model function that raises (``apply``, ``metrics``, ``loss``) is a ModelError
         naming the function and the exception, in one line.
         """
         data = self.spec.dataset
+        picked = np.arange(len(data.x_test)) if rows is None else np.asarray(rows, np.int64)
+        if not batch_size:
+            example_bytes = max(1, int(np.prod(data.x_test.shape[1:])) * 4)
+            batch_size = int(np.clip(16 * 2**20 // example_bytes, 1, 1024))
         outs = [
-            self.outputs(flat, np.asarray(data.x_test[i : i + batch_size]))
-            for i in range(0, len(data.x_test), batch_size)
+            self.outputs(flat, np.asarray(data.x_test[picked[i : i + batch_size]]))
+            for i in range(0, len(picked), batch_size)
         ]
         out = np.concatenate(outs)
+        labels = np.asarray(data.y_test[picked])
         with _blame("metrics", self.spec.metrics):
-            metrics = dict(self.spec.metrics(out, data.y_test))
+            metrics = dict(self.spec.metrics(out, labels))
             result = {str(k): float(v) for k, v in metrics.items()}
         if self.spec.loss is not None and "loss" not in result:
             with _blame("loss", self.spec.loss):
-                result["loss"] = float(np.asarray(self.spec.loss(out, data.y_test)))
+                result["loss"] = float(np.asarray(self.spec.loss(out, labels)))
         return result
+
+    def evaluation_sample(self, size: int, seed: int) -> np.ndarray | None:
+        """A fixed random sample of ``size`` held-out rows (sorted), or None for the whole
+        split (``size`` 0 or at least the split)."""
+        total = len(self.spec.dataset.x_test)
+        if size <= 0 or size >= total:
+            return None
+        return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
 
 
 def _untraceable(exc: BaseException) -> bool:

@@ -23,6 +23,8 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
     shards = sorted(_members(status, pb.ROLE_SHARD), key=lambda m: m.id)
     workers = _members(status, pb.ROLE_WORKER)
     last = status.history[-1] if status.history else None
+    periodic = [h for h in status.history if not h.final]
+    evaluators = _members(status, pb.ROLE_EVALUATOR)
     metric = _target_metric(status)
     values = [h.metrics[metric] for h in status.history if metric in h.metrics]
     target = parse_target(status.target) if status.target else None
@@ -37,7 +39,9 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
         "metrics": {k: _rounded(v) for k, v in sorted(last.metrics.items())} if last else {},
         "reached_target": bool(status.reached_target),
         "wall_seconds": round(wall_seconds, 3),
-        "train_seconds": round(last.elapsed_seconds, 3) if last else None,
+        "train_seconds": round(periodic[-1].elapsed_seconds, 3) if periodic else None,
+        "test_examples": int(last.examples) if last else 0,
+        "final_evaluation": bool(last is not None and last.final),
         "done_reason": status.done_reason,
         "model": status.model,
         "num_params": int(status.num_params),
@@ -56,6 +60,7 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
         "shard_versions": [int(m.stats.version) for m in shards],
         "rejected": int(_counter(shards, "rejected")),
         "evaluations": len(status.history),
+        "eval_seconds": round(_counter(evaluators, "eval_seconds"), 3),
         "peak_rss_mb": _peak_rss(status),
     } | {f"staleness_{q}": _worst(shards, f"staleness_{q}") for q in ("p50", "p90", "p99")}
 
@@ -116,7 +121,11 @@ def status_table(status: pb.ClusterStatus) -> str:
     if status.history:
         h = status.history[-1]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h.metrics.items()))
-        head += f"\ntest {shown} at {h.elapsed_seconds:.0f} s (target {status.target or 'none'})"
+        scope = "all" if h.final else "a sample of"
+        head += (
+            f"\ntest {shown} at {h.elapsed_seconds:.0f} s (target {status.target or 'none'}; "
+            f"{scope} {h.examples} examples, evaluated in {h.eval_seconds:.1f} s)"
+        )
     notes = sorted({f"{k}: {v}" for m in status.members for k, v in m.stats.notes.items()})
     if notes:
         head += "\n" + "\n".join(notes)

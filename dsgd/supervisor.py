@@ -29,7 +29,7 @@ from typing import IO, Any
 import grpc
 from google.protobuf import json_format
 
-from dsgd.config import TrainConfig, parse_target
+from dsgd.config import FINAL_EVALUATION_SECONDS, TrainConfig, parse_target
 from dsgd.errors import ConfigError, DsgdError
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
@@ -39,6 +39,8 @@ from dsgd.runtime import EXIT_USER_ERROR
 START_TIMEOUT = 120.0  # seconds for the coordinator to report ready (JAX import + compile)
 STOP_TIMEOUT = 4.0  # seconds between SIGTERM and SIGKILL (members stop within 2 s)
 MEMBER_EXIT_TIMEOUT = 8.0  # seconds members get to leave once the run is over
+# ... and the evaluator, which evaluates the final parameters on the whole split first
+EVALUATOR_EXIT_TIMEOUT = MEMBER_EXIT_TIMEOUT + FINAL_EVALUATION_SECONDS
 BUDGET_MARGIN = 4.0  # seconds past --max-seconds before the supervisor ends a run itself
 POLL_INTERVAL = 0.1
 PROGRESS_INTERVAL = 2.0
@@ -385,10 +387,17 @@ class Supervisor:
             if status is not None and status.done and done_at is None:
                 done_at = now
                 self.say(f"dsgd: {status.done_reason}; waiting for members to leave")
-            members_exited = all(c.poll() is not None for c in self.children[1:])
-            if done_at is not None and (members_exited or now - done_at > MEMBER_EXIT_TIMEOUT):
+            if done_at is not None and self._members_gone(now - done_at):
                 return self.query() or status
             time.sleep(POLL_INTERVAL)
+
+    def _members_gone(self, since_done: float) -> bool:
+        """Whether to stop waiting for members to leave, ``since_done`` seconds after the
+        end of the run: once all have exited, or the time each may take is up."""
+        running = [c for c in self.children[1:] if c.poll() is None]
+        if not running or since_done > EVALUATOR_EXIT_TIMEOUT:
+            return True
+        return since_done > MEMBER_EXIT_TIMEOUT and all(c.role != "evaluator" for c in running)
 
     def finish(self, status: pb.ClusterStatus | None) -> int:
         assert self._stub is not None

@@ -80,6 +80,7 @@ INVALID = [
     ("max_steps", -1, "--max-steps"),
     ("eval_every", 0.0, "--eval-every"),
     ("eval_every", math.inf, "--eval-every"),
+    ("eval_sample", -1, "--eval-sample"),
     ("heartbeat_interval", 0.0, "--heartbeat-interval"),
     ("heartbeat_interval", math.nan, "--heartbeat-interval"),
     ("heartbeat_interval", 5.0, "--heartbeat-timeout"),  # now exceeds the timeout
@@ -205,6 +206,7 @@ valid_configs = st.builds(
     max_seconds=st.floats(1e-3, 1e6),
     max_steps=st.integers(0, 10**9),
     seed=st.integers(-(2**63), 2**63 - 1),
+    eval_sample=st.integers(0, 10**6),
     eval_every=st.floats(1e-3, 1e3),
     heartbeat_interval=st.just(0.25),
     heartbeat_timeout=st.floats(0.5, 100.0) | st.just(math.inf),

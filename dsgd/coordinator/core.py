@@ -100,6 +100,7 @@ class Coordinator:
         self.workers: dict[int, Member] = {}
         self.evaluator: Member | None = None
         self.history: list[pb.Evaluation] = []
+        self.evaluator_read = False  # it holds the parameters as they were before any push
         self.done = False
         self.done_reason = ""
         self.done_at = 0.0
@@ -208,8 +209,8 @@ class Coordinator:
                 return f"shard {shard_id} to load its parameters (since {loading:.0f} s)"
             if self.member_state(shard) == "dead":
                 return f"shard {shard_id} (silent for {now - shard.last_seen:.0f} s)"
-        if self.config.evaluator and not self.history:
-            return f"the evaluator's first evaluation ({since})"
+        if self.config.evaluator and not self.evaluator_read:
+            return f"the evaluator to read the initial parameters ({since})"
         live = [w for w in self.workers.values() if self.member_state(w) != "dead"]
         if len(live) < self.config.num_workers and not self.done:
             missing = self.config.num_workers - len(live)
@@ -286,7 +287,7 @@ class Coordinator:
         if self.describe_model(request.layout):
             return pb.RegisterWorkerReply(ready=False, send_initial=True)
         waiting = self.waiting_for()
-        if not self.shards_ready() or (self.config.evaluator and not self.history):
+        if not self.shards_ready() or (self.config.evaluator and not self.evaluator_read):
             # with an evaluator, its first evaluation sees the parameters before any push
             return pb.RegisterWorkerReply(ready=False, waiting_for=waiting)
         worker_id = self._choose_worker_slot(request.worker_id)
@@ -402,11 +403,24 @@ class Coordinator:
         if report.failure:
             self.finish(f"evaluation failed: {report.failure}", failed=True, usage_error=True)
             return pb.EvaluationReply(shutdown=True, reason=self.done_reason)
-        if not self.done:
-            entry = pb.Evaluation()
-            entry.CopyFrom(report.evaluation)
-            entry.elapsed_seconds = time.monotonic() - self.started
-            self.history.append(entry)
+        self.evaluator_read = True
+        if report.read:
+            return pb.EvaluationReply(shutdown=self.done, reason=self.done_reason)
+        final = report.evaluation.final
+        if final != self.done:
+            # a periodic evaluation that came too late, or a final one before the end
+            return pb.EvaluationReply(shutdown=self.done, reason=self.done_reason)
+        entry = pb.Evaluation()
+        entry.CopyFrom(report.evaluation)
+        entry.elapsed_seconds = time.monotonic() - self.started
+        self.history.append(entry)
+        if final:
+            log.info(
+                "final evaluation of %d examples: %s",
+                entry.examples,
+                ", ".join(f"{k} {v:.4g}" for k, v in sorted(entry.metrics.items())),
+            )
+        else:
             self._judge(dict(entry.metrics))
         return pb.EvaluationReply(shutdown=self.done, reason=self.done_reason)
 

@@ -176,7 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ready-file", help="write the bound address here (JSON) once serving")
     parser.add_argument("--final-params", type=Path, help="save the final parameters (.npy)")
     parser.add_argument("--status-file", type=Path, help="write the final status (JSON) here")
-    parser.add_argument("--linger", type=float, default=30.0, help="seconds to wait for members")
+    parser.add_argument("--linger", type=float, default=60.0, help="seconds to wait for members")
     parser.add_argument("--config-file", type=Path, help="TrainConfig JSON (overrides the flags)")
     parser.add_argument("--restore", type=Path, help="start from this cluster checkpoint")
     parser.add_argument("--log-level", default="INFO")

@@ -213,14 +213,16 @@ class RegisterEvaluatorReply(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ...) -> None: ...
 
 class EvaluationReport(_message.Message):
-    __slots__ = ("incarnation", "evaluation", "failure")
+    __slots__ = ("incarnation", "evaluation", "failure", "read")
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
     incarnation: int
     evaluation: Evaluation
     failure: str
-    def __init__(self, incarnation: _Optional[int] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., failure: _Optional[str] = ...) -> None: ...
+    read: bool
+    def __init__(self, incarnation: _Optional[int] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., failure: _Optional[str] = ..., read: _Optional[bool] = ...) -> None: ...
 
 class EvaluationReply(_message.Message):
     __slots__ = ("shutdown", "reason")
@@ -281,7 +283,7 @@ class MemberStatus(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("elapsed_seconds", "test_accuracy", "test_loss", "total_version", "metrics", "eval_seconds", "examples")
+    __slots__ = ("elapsed_seconds", "test_accuracy", "test_loss", "total_version", "metrics", "eval_seconds", "examples", "final")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +298,7 @@ class Evaluation(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     elapsed_seconds: float
     test_accuracy: float
     test_loss: float
@@ -303,7 +306,8 @@ class Evaluation(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     eval_seconds: float
     examples: int
-    def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., eval_seconds: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
+    final: bool
+    def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., eval_seconds: _Optional[float] = ..., examples: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "config_json", "shards", "refused", "failed", "target", "usage_error", "peak_rss_bytes")
