@@ -42,6 +42,7 @@ class TrainConfig:
     local_lr: float | None = None  # worker-side step between fetches; None: same as lr, 0: none
     n_fetch: int = 1
     n_push: int = 1
+    overlap: bool = True  # fetch and push while the next gradient computes
     batch_size: int = 0  # 0: the model's own default
     target: str = DEFAULT_TARGET  # METRIC>=X or METRIC<=X on the test split, or "none"
     max_seconds: float = 300.0
@@ -167,7 +168,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "bool": (bool,),
 }
-_FLAGS = {"num_workers": "--workers", "num_shards": "--shards", "evaluator": "--no-evaluator"}
+_FLAGS = {
+    "num_workers": "--workers",
+    "num_shards": "--shards",
+    "evaluator": "--no-evaluator",
+    "overlap": "--no-overlap",
+}
 
 
 def _flag(name: str) -> str:
@@ -278,6 +284,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=d.eval_sample,
         help="held-out examples judged periodically; the whole split at the end (0: all)",
+    )
+    add(
+        "--no-overlap",
+        dest="overlap",
+        action="store_false",
+        help="fetch and push between steps, not while the next gradient computes (with "
+        "--local-lr 0 and one worker: exactly sequential SGD)",
     )
     add(
         "--no-evaluator",

@@ -33,6 +33,7 @@ from dsgd import wire
 from dsgd.config import FINAL_EVALUATION_SECONDS, TrainConfig
 from dsgd.control import CoordinatorLink, layout_message, shard_infos, stats_message
 from dsgd.errors import Closed, ModelError, PeerLost, ProtocolError
+from dsgd.layout import aligned_empty
 from dsgd.model import EAGER, CompiledModel, ModelSpec
 from dsgd.proto import control_pb2 as pb
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
@@ -70,7 +71,7 @@ class Evaluator:
         self.shards = list(shards)
         self.incarnation = incarnation
         self.reader = ParameterReader(compiled.layout.fingerprint, context)
-        self.flat = np.empty(compiled.layout.size, np.float32)
+        self.flat = aligned_empty(compiled.layout.size)
         self.rate = RateMeter()
         self.evaluations = 0
         self.skipped = 0

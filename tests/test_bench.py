@@ -13,6 +13,7 @@ import pytest
 
 from bench import _report
 from bench._measure import REQUIRED_FIELDS, make_record
+from tests.test_caltech101 import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMERIC_FIELDS = ("payload_bytes", "chunk_bytes", "gbps_median", "gbps_min", "gbps_max")
@@ -144,3 +145,37 @@ def test_report_draws_ps_throughput_vs_workers_when_a_suite_yields_ps_records(
     assert records[-1]["ratio_to_tcp"] == pytest.approx(
         records[-1]["gbps_median"] / doc["tcp_ceiling_gbps"]
     )
+
+
+def test_the_caltech_benchmark_measures_a_standalone_loop_and_a_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few seconds of each on a generated folder of the official layout: every figure
+    the benchmark reports is there and means what it says."""
+    monkeypatch.setenv("DSGD_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", per_category=12)
+    out = tmp_path / "out"
+    argv = ["--data", str(root), "--image-size", "16", "--seconds", "6", "--warmup", "0"]
+    argv += ["--eval-every", "1"]
+    argv += ["--runs", "standalone", "1w-1%-fp16", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.caltech", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((out / "caltech.json").read_text())
+    assert (out / "caltech.png").stat().st_size > 10_000
+    standalone, cluster = doc["records"]
+    assert standalone["run"] == "standalone" and standalone["steps_per_second"] > 0
+    assert standalone["train_seconds"] >= 6 and standalone["curve"][0]["steps"] == 0
+    assert cluster["run"] == "1w-1%-fp16" and cluster["steps"] > 0
+    assert 0 < cluster["push_ratio_to_dense"] < 0.2  # 1% of the entries, float16 + indices
+    assert cluster["seconds_to_first_step"] > 0 and cluster["curve"]
+    assert set(cluster["peak_rss_mb"]) == {"coordinator", "shard0", "worker0", "evaluator"}
+    rows = {row["run"]: row for row in doc["rows"]}
+    assert rows["standalone"]["ratio_to_standalone"] == 1.0
+    expected = cluster["steps_per_second"] / standalone["steps_per_second"]
+    assert rows["1w-1%-fp16"]["ratio_to_standalone"] == pytest.approx(expected)

@@ -102,6 +102,7 @@ INVALID = [
     ("checkpoint_every", math.nan, "--checkpoint-every"),
     ("checkpoint_keep", 0, "--checkpoint-keep"),
     ("evaluator", 1, "--no-evaluator"),  # a bool, not an int
+    ("overlap", "yes", "--no-overlap"),
 ]
 
 
@@ -200,6 +201,7 @@ valid_configs = st.builds(
     local_lr=st.none() | st.floats(0.0, 10.0),
     n_fetch=st.integers(1, 100),
     n_push=st.integers(1, 100),
+    overlap=st.booleans(),
     batch_size=st.integers(0, 4096),
     target=st.sampled_from(["none", "loss<=0.3", "r2>=-1"])
     | st.floats(1e-6, 1.0).map(lambda a: f"accuracy>={a!r}"),

@@ -34,6 +34,7 @@ def test_one_worker_one_shard_sgd_equals_a_single_process_loop() -> None:
         local_lr=0.0,
         n_fetch=1,
         n_push=1,
+        overlap=False,
         max_steps=steps,
         target="none",
         eval_every=0.2,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dsgd.errors import ModelError
-from dsgd.layout import Layout, split_ranges
+from dsgd.layout import Layout, aligned_empty, split_ranges
 from dsgd.types import ShardRange
 
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -283,3 +283,17 @@ def test_fingerprint_changes_with_shapes_paths_and_shard_count(
     changed = Layout.from_pytree(other, num_shards)
     assert changed.fingerprint != base.fingerprint
     assert changed != base
+
+
+@pytest.mark.parametrize("size", [1, 17, 1_000_003])
+def test_aligned_vectors_start_on_a_64_byte_boundary(size: int) -> None:
+    flat = aligned_empty(size)
+    assert flat.dtype == np.float32 and flat.shape == (size,)
+    assert flat.ctypes.data % 64 == 0 and flat.flags.writeable and flat.flags.c_contiguous
+
+
+def test_flatten_gives_an_aligned_vector_that_jit_reads_in_place() -> None:
+    params = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
+    flat = Layout.from_pytree(params, 1).flatten(params)
+    assert flat.ctypes.data % 64 == 0
+    assert jax.device_put(flat).unsafe_buffer_pointer() == flat.ctypes.data  # no copy

@@ -27,6 +27,7 @@ from dsgd.optim import (
     ServerOptimizerT,
     make_optimizer,
     state_mismatch,
+    subtract_scaled,
 )
 from dsgd.shard.core import ShardState
 from dsgd.shard.process import ShardProcess
@@ -796,3 +797,13 @@ def test_half_precision_gradients_apply_like_their_float32_values(
     for key in want_state:
         assert got_state[key].dtype == np.float32
         np.testing.assert_array_equal(got_state[key], want_state[key])
+
+
+@pytest.mark.parametrize("size", [1, 1000, (1 << 18) + 7, 3 << 18])
+def test_subtract_scaled_equals_the_one_line_form(size: int) -> None:
+    rng = np.random.default_rng(size)
+    params = rng.standard_normal(size).astype(np.float32)
+    grad = rng.standard_normal(size).astype(np.float32)
+    expected = params - np.float32(0.3) * grad
+    subtract_scaled(params, grad, 0.3)
+    assert np.array_equal(params, expected)

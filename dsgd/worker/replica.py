@@ -29,7 +29,9 @@ from dsgd import wire
 from dsgd.codec import CodecConfig, Encoded, SparseEncoder
 from dsgd.config import TrainConfig
 from dsgd.errors import Closed, LayoutMismatch, PeerLost, ProtocolError
+from dsgd.layout import aligned_empty
 from dsgd.model import EAGER, CompiledModel, batches
+from dsgd.optim import subtract_scaled
 from dsgd.shard.client import SHARD_SILENT, PushResult, ShardClient
 from dsgd.stats import RateMeter
 from dsgd.types import FlatParams, ShardInfo
@@ -53,6 +55,8 @@ COUNTERS = (
     "values_given_back",
     "chunks_rejected",
     "nonfinite_updates",
+    "gradient_seconds",  # computing gradients
+    "exchange_seconds",  # pushing and fetching (overlapped with computing, by default)
 )
 
 
@@ -104,8 +108,9 @@ class Replica:
         self._ctx = context
         self.clients: list[ShardClient] = []
         size = compiled.layout.size
-        self.server_params: FlatParams = np.empty(size, np.float32)  # as last fetched
-        self.params: FlatParams = np.empty(size, np.float32)  # with local steps applied
+        # aligned: the jitted gradient reads params in place instead of copying them
+        self.server_params: FlatParams = aligned_empty(size)  # as last fetched
+        self.params: FlatParams = aligned_empty(size)  # with local steps applied
         n = len(self.shards)
         self.held_versions = [-1] * n  # per shard: the version server_params hold
         self.held_incarnations = [0] * n  # ... of which shard incarnation
@@ -196,31 +201,57 @@ class Replica:
         stream = worker_batches(
             self.compiled, config, self.partition, self.num_partitions, self.worker_id
         )
-        local_lr = np.float32(config.worker_lr)
+        local_lr = float(config.worker_lr)
         log.info(
             "worker %d training on partition %d/%d",
             self.worker_id,
             self.partition,
             self.num_partitions,
         )
+        fetch_due = push_due = False
         while not stop.is_set() and not (config.max_steps and self.step >= config.max_steps):
-            if self.step and self.step % config.n_fetch == 0:
-                await self.fetch()
             x, y = next(stream)
-            loss, grad = await asyncio.to_thread(self.compiled.gradient, self.params, x, y)
-            if not self.notes:
-                self._note_gradient_path()
+            if not config.overlap:
+                await self._exchange(push_due, fetch_due, adopt=True)
+                loss, grad = await self._gradient(x, y)
+            else:  # the previous step's push and the next fetch run while this one computes
+                exchange = asyncio.ensure_future(self._exchange(push_due, fetch_due, adopt=False))
+                try:
+                    loss, grad = await self._gradient(x, y)
+                finally:
+                    fetched = await exchange
+                if fetched:
+                    np.copyto(self.params, self.server_params)
             for encoder, shard in zip(self.encoders, self.shards, strict=True):
                 encoder.accumulate(grad[shard.start : shard.stop])
             if local_lr:
-                self.params -= local_lr * grad
+                subtract_scaled(self.params, grad, local_lr)
             self.step += 1
             self.rate.add()
             self.loss = loss if np.isnan(self.loss) else 0.95 * self.loss + 0.05 * loss
-            if self.step % config.n_push == 0:
-                await self.push()
+            push_due = self.step % config.n_push == 0
+            fetch_due = self.step % config.n_fetch == 0
         await self.push(flush=True)  # what the residuals still hold, so nothing is left behind
         await self.drain()
+
+    async def _gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[float, FlatParams]:
+        """The gradient at ``params``, computed in a thread (the loop goes on meanwhile)."""
+        began = time.perf_counter()
+        loss, grad = await asyncio.to_thread(self.compiled.gradient, self.params, x, y)
+        self.counters["gradient_seconds"] += time.perf_counter() - began
+        if not self.notes:
+            self._note_gradient_path()
+        return loss, grad
+
+    async def _exchange(self, push: bool, fetch: bool, *, adopt: bool) -> bool:
+        """Push what the encoders hold, then fetch; True if the fetch changed
+        ``server_params`` (copied into ``params`` too with ``adopt``)."""
+        began = time.perf_counter()
+        if push:
+            await self.push()
+        fetched = await self.fetch(adopt=adopt) if fetch else False
+        self.counters["exchange_seconds"] += time.perf_counter() - began
+        return fetched
 
     def _note_gradient_path(self) -> None:
         compiled = self.compiled
@@ -268,8 +299,9 @@ class Replica:
 
     # -- fetch -------------------------------------------------------------------------------
 
-    async def fetch(self) -> bool:
-        """Refresh the parameters from every shard whose version moved; True if any did.
+    async def fetch(self, adopt: bool = True) -> bool:
+        """Refresh ``server_params`` from every shard whose version moved (and with
+        ``adopt``, ``params`` from them); True if any did.
 
         A shard that does not answer keeps its last parameters; the worker goes on.
         """
@@ -298,7 +330,7 @@ class Replica:
             self.counters["fetches"] += 1
             self.counters["bytes_fetched"] += nbytes
             changed = True
-        if changed:
+        if changed and adopt:
             np.copyto(self.params, self.server_params)
         return changed
 
