@@ -102,7 +102,7 @@ INVALID = [
     ("checkpoint_every", math.nan, "--checkpoint-every"),
     ("checkpoint_keep", 0, "--checkpoint-keep"),
     ("evaluator", 1, "--no-evaluator"),  # a bool, not an int
-    ("overlap", "yes", "--no-overlap"),
+    ("overlap", "yes", "--overlap"),
 ]
 
 
