@@ -173,7 +173,8 @@ def test_the_caltech_benchmark_measures_a_standalone_loop_and_a_cluster(
     assert standalone["train_seconds"] >= 6 and standalone["curve"][0]["steps"] == 0
     assert cluster["run"] == "1w-1%-fp16" and cluster["steps"] > 0
     assert 0 < cluster["push_ratio_to_dense"] < 0.2  # 1% of the entries, float16 + indices
-    assert cluster["seconds_to_first_step"] > 0 and cluster["curve"]
+    assert cluster["curve"]  # (seconds_to_first_step is None when no 1 s poll saw a step)
+    assert cluster["seconds_to_first_step"] is None or cluster["seconds_to_first_step"] > 0
     assert set(cluster["peak_rss_mb"]) == {"coordinator", "shard0", "worker0", "evaluator"}
     rows = {row["run"]: row for row in doc["rows"]}
     assert rows["standalone"]["ratio_to_standalone"] == 1.0
