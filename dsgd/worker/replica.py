@@ -56,7 +56,7 @@ COUNTERS = (
     "chunks_rejected",
     "nonfinite_updates",
     "gradient_seconds",  # computing gradients
-    "exchange_seconds",  # pushing and fetching (overlapped with computing, by default)
+    "exchange_seconds",  # pushing and fetching (beside the gradient with --overlap)
 )
 
 
