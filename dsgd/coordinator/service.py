@@ -137,7 +137,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def Shutdown(self, request: Any, context: Any) -> pb.ShutdownReply:
         self.c.finish(request.reason or "shutdown requested")
-        self.c.shutdown_requested.set()
+        if not request.wait_for_members:
+            self.c.shutdown_requested.set()
         return pb.ShutdownReply()
 
 

@@ -359,10 +359,12 @@ class ClusterStatus(_message.Message):
     def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ..., failed: _Optional[bool] = ..., target: _Optional[str] = ..., usage_error: _Optional[bool] = ..., peak_rss_bytes: _Optional[float] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "wait_for_members")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    wait_for_members: bool
+    def __init__(self, reason: _Optional[str] = ..., wait_for_members: _Optional[bool] = ...) -> None: ...
 
 class ShutdownReply(_message.Message):
     __slots__ = ()
