@@ -212,9 +212,9 @@ class SparseEncoder:
         self.size = size
         self.pushes = 0
         self._residual: FlatParams = np.zeros(size, np.float32)
-        # True while _residual's contents are stale and stand for all zeros: zeroing is
-        # left to the next accumulate, which writes the update instead of adding to zeros
-        self._zeroed = False
+        # _residual's entries from here on are stale and stand for zeros: zeroing is left
+        # to the next accumulate, which writes the update instead of adding to zeros
+        self._stale_from = size
         self._finite = True  # the residual is known to hold no NaN or Inf
         self._sent: list[FlatParams] = []  # buffers of earlier dense pushes, maybe in use
         self._dtype = VALUE_DTYPES[self.config.value_dtype]
@@ -234,10 +234,10 @@ class SparseEncoder:
         return self._values()
 
     def _values(self) -> FlatParams:
-        """The residual, zeroed first if it was left stale (see ``_zeroed``)."""
-        if self._zeroed:
-            self._residual.fill(0.0)
-            self._zeroed = False
+        """The residual, its stale entries zeroed first (see ``_stale_from``)."""
+        if self._stale_from < self.size:
+            self._residual[self._stale_from :].fill(0.0)
+            self._stale_from = self.size
         return self._residual
 
     def density_now(self) -> float:
@@ -245,28 +245,37 @@ class SparseEncoder:
         cfg = self.config
         return density_at(self.pushes, cfg.density, cfg.warmup_pushes)
 
-    def accumulate(self, update: FlatParams) -> None:
-        """Add ``update`` into the residual without sending anything.
+    def accumulate(self, update: FlatParams, offset: int = 0) -> None:
+        """Add ``update`` into the residual at ``offset`` without sending anything.
 
         A worker that sums several steps between pushes can accumulate straight into
-        the encoder and call ``encode()`` without an argument, saving a full pass.
+        the encoder and call ``encode()`` without an argument, saving a full pass. An
+        update may come in pieces (a model's gradient, one parameter array at a time):
+        pieces in ascending order cost the same as one whole update.
         """
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite: encode() raises
-            self._add(self._check(update))
+            self._add(self._check(update, offset), offset)
 
-    def _add(self, update: FlatParams) -> None:
-        """residual += update in cache-sized blocks, checking each sum while it is hot."""
-        residual, block, finite = self._residual, self._mask.size, True
-        for start in range(0, self.size, block):
-            stop = min(start + block, self.size)
-            part = residual[start:stop]
-            if self._zeroed:  # 0 + update (the same bits as update + 0), not reading zeros
-                np.add(update[start:stop], np.float32(0.0), out=part)
-            else:
-                np.add(part, update[start:stop], out=part)
-            if finite:
-                finite = bool(np.isfinite(part, out=self._mask[: stop - start]).all())
-        self._zeroed, self._finite = False, finite
+    def _add(self, update: FlatParams, offset: int = 0) -> None:
+        """residual[offset:] += update in cache-sized blocks, checking each sum while it is
+        hot. Where the residual is stale (stands for zeros) the update is written instead
+        (0 + update has the same bits as update + 0), and stale entries it skips over are
+        zeroed."""
+        end, stale = offset + update.size, self._stale_from
+        if offset > stale:
+            self._residual[stale:offset].fill(0.0)
+            stale = offset
+        finite = True
+        for lo, hi, written in ((offset, min(stale, end), False), (max(stale, offset), end, True)):
+            for start in range(lo, hi, self._mask.size):
+                stop = min(start + self._mask.size, hi)
+                part, piece = self._residual[start:stop], update[start - offset : stop - offset]
+                np.add(piece if written else part, np.float32(0.0) if written else piece, out=part)
+                if finite:
+                    finite = bool(np.isfinite(part, out=self._mask[: stop - start]).all())
+        self._stale_from = max(stale, end)
+        whole = offset == 0 and update.size == self.size
+        self._finite = finite if whole else self._finite and finite
 
     def encode(self, update: FlatParams | None = None, *, density: float | None = None) -> Encoded:
         """Add ``update`` to the residual and take out what this push sends.
@@ -336,13 +345,18 @@ class SparseEncoder:
 
     def reset(self) -> None:
         """Forget everything accumulated and not sent (after a divergence or a restore)."""
-        self._zeroed = self._finite = True
+        self._stale_from, self._finite = 0, True
 
-    def _check(self, update: FlatParams) -> FlatParams:
-        """``update`` as a contiguous float32 vector of this range (copied only if needed)."""
+    def _check(self, update: FlatParams, offset: int | None = None) -> FlatParams:
+        """``update`` as a contiguous float32 vector of this range, or with ``offset`` of a
+        piece of it from there (copied only if needed)."""
         array = np.asarray(update)
-        if array.shape != (self.size,):
+        if offset is None and array.shape != (self.size,):
             raise ValueError(f"update of shape {array.shape}, encoder expects ({self.size},)")
+        if offset is not None and (array.ndim != 1 or not 0 <= offset <= self.size - array.size):
+            raise ValueError(
+                f"update of shape {array.shape} at offset {offset} overflows a range of {self.size}"
+            )
         return np.ascontiguousarray(array, np.float32)
 
     def _estimate(self, update: FlatParams | None, density: float) -> int:
@@ -402,7 +416,7 @@ class SparseEncoder:
         if not self._finite and not self._all_finite(residual):
             self._drop_nonfinite()
         if self._dtype == np.float32:  # send the residual itself; start again from zeros
-            self._residual, self._zeroed, self._finite = self._spare_buffer(), True, True
+            self._residual, self._stale_from, self._finite = self._spare_buffer(), 0, True
             self._sent.append(residual)
             del self._sent[:-_SPARE_BUFFERS]
             return Encoded(None, residual)

@@ -59,7 +59,7 @@ class TrainConfig:
     value_dtype: str = "float32"
     density_warmup: int = 0  # pushes over which density decays from 1 to --density
     staleness: str = "none"  # none | drop:K | scale
-    checkpoint_every: float = 5.0  # seconds between shard checkpoints (with a checkpoint dir)
+    checkpoint_every: float = 5.0  # seconds between shard checkpoints (at least; see shard/process)
     checkpoint_keep: int = 3  # checkpoints kept per shard
 
     def __post_init__(self) -> None:

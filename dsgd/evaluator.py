@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import socket
 import time
@@ -38,7 +39,7 @@ from dsgd.model import EAGER, CompiledModel, ModelSpec
 from dsgd.proto import control_pb2 as pb
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
 from dsgd.shard.client import ParameterReader
-from dsgd.stats import RateMeter
+from dsgd.stats import RateMeter, paced_interval
 from dsgd.types import ShardInfo
 from dsgd.worker.process import load_cluster_model
 
@@ -46,13 +47,9 @@ log = logging.getLogger("dsgd.evaluator")
 
 
 DUTY = 0.25  # the most of its time the evaluator spends evaluating (it shares the cores)
-
-
-def evaluation_interval(eval_every: float, took: float) -> float:
-    """Seconds from the start of one evaluation to the next: ``--eval-every``, or longer
-    when an evaluation is slow (a large model), so that evaluating takes at most a
-    quarter of the evaluator's time and never starves the workers beside it."""
-    return max(eval_every, took / DUTY)
+# the evaluator process's scheduling niceness: where it shares cores with workers, the
+# workers' steps come first
+NICENESS = 10
 
 
 class Evaluator:
@@ -106,7 +103,7 @@ class Evaluator:
                 return
             began = time.monotonic()
             evaluation = await self.evaluate_once(link, self.sample)
-            next_at = began + evaluation_interval(self.config.eval_every, time.monotonic() - began)
+            next_at = began + paced_interval(self.config.eval_every, time.monotonic() - began, DUTY)
             if evaluation is None:
                 continue
             report = pb.EvaluationReport(incarnation=self.incarnation, evaluation=evaluation)
@@ -289,6 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging("evaluator", args.log_level)
+    os.nice(NICENESS)  # before any thread starts: threads inherit it
 
     async def evaluator_main(stop: asyncio.Event) -> int:
         await run_evaluator(

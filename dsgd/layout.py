@@ -10,6 +10,7 @@ another model (or another shard count) is refused instead of obeyed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -125,6 +126,16 @@ class Layout:
             for offset, size, shape in zip(self.offsets, self.sizes, self.shapes, strict=True)
         ]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def by_shard(self, offset: int, values: FlatParams) -> Iterator[tuple[int, int, FlatParams]]:
+        """Split the piece ``values`` of the flat vector at ``offset`` along the shard ranges:
+        ``(shard index, offset inside that shard's range, the part in it)`` per shard it
+        touches, in order."""
+        end = offset + values.size
+        for k, r in enumerate(self.ranges):
+            lo, hi = max(offset, r.start), min(end, r.stop)
+            if lo < hi:
+                yield k, lo - r.start, values[lo - offset : hi - offset]
 
     def describe(self) -> str:
         return (

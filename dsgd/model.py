@@ -392,7 +392,6 @@ class CompiledModel:
                 return spec.apply(layout.unflatten(flat), x)
 
         self.grad_step = jax.jit(leaf_grads)  # (loss, per-leaf gradients)
-        self._grad: FlatParams | None = None  # the flat gradient, reused from step to step
         self._outputs = jax.jit(outputs)
 
     def initial_flat(self) -> FlatParams:
@@ -420,9 +419,13 @@ class CompiledModel:
         """Decide, on one batch, how the gradient runs: jitted, or eagerly when JAX cannot
         trace the model's functions. A function that raises for another reason is a
         ModelError naming it. Returns the path (``jax.jit`` or ``eager``)."""
+        import jax
+
         flat = self.initial_flat()
         try:
-            self.grad_step(flat, x, y)
+            # run to the end: the first execution's one-time costs (a second at 75M
+            # parameters) are then paid here, while the cluster starts, not by the first step
+            jax.block_until_ready(self.grad_step(flat, x, y))
         except Exception as traced:
             if self.spec.grad is None:
                 if not _untraceable(traced):
@@ -444,10 +447,14 @@ class CompiledModel:
             self.gradient_path = JIT
         return self.gradient_path
 
-    def gradient(self, flat: FlatParams, x: np.ndarray, y: np.ndarray) -> tuple[float, FlatParams]:
-        """Loss and flat float32 gradient at ``flat`` for one batch. The jitted path writes
-        the gradient into one buffer reused by every call (a fresh 300 MB vector per step
-        costs its page faults): it is valid until the next call.
+    def gradient_pieces(
+        self, flat: FlatParams, x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, list[tuple[int, FlatParams]]]:
+        """Loss and float32 gradient at ``flat`` for one batch, as pieces of the flat
+        gradient: ``(offset, values)`` in ascending order, covering it. The jitted path
+        gives one piece per parameter array, read in place from JAX's output buffers (a
+        flat copy would cost a 300 MB pass and buffer per step at 75M parameters); drop
+        them before the next call, or both steps' buffers are held at once.
 
         Runs the jitted step, or the user's ``grad`` eagerly (see :meth:`prepare_gradient`,
         which runs first when it has not). A model function that raises is a ModelError.
@@ -455,19 +462,30 @@ class CompiledModel:
         if not self.gradient_path:
             self.prepare_gradient(x, y)
         if self.gradient_path == EAGER:
-            return self._eager_gradient(flat, x, y)
+            loss, grad = self._eager_gradient(flat, x, y)
+            return loss, [(0, grad)]
         try:
             loss, leaves = self.grad_step(flat, x, y)
+            pieces = [
+                (offset, np.asarray(leaf).reshape(-1))
+                for offset, leaf in zip(self.layout.offsets, leaves, strict=True)
+            ]
         except ModelError:
             raise
         except Exception as exc:
             raise _as_model_error(exc, "grad" if self.spec.grad else "loss") from None
-        if self._grad is None:
-            self._grad = aligned_empty(self.layout.size)
-        layout = self.layout
-        for leaf, offset, size in zip(leaves, layout.offsets, layout.sizes, strict=True):
-            self._grad[offset : offset + size] = np.asarray(leaf).reshape(-1)
-        return float(loss), self._grad
+        return float(loss), pieces
+
+    def gradient(self, flat: FlatParams, x: np.ndarray, y: np.ndarray) -> tuple[float, FlatParams]:
+        """Loss and flat float32 gradient at ``flat`` for one batch (a new vector; see
+        :meth:`gradient_pieces`, which workers use)."""
+        loss, pieces = self.gradient_pieces(flat, x, y)
+        if len(pieces) == 1:
+            return loss, pieces[0][1]
+        grad = aligned_empty(self.layout.size)
+        for offset, values in pieces:
+            grad[offset : offset + values.size] = values
+        return loss, grad
 
     def outputs(self, flat: FlatParams, x: np.ndarray) -> np.ndarray:
         """The model's outputs for ``x`` (jitted, or eager when JAX cannot trace ``apply``)."""

@@ -49,6 +49,13 @@ class StalenessHistogram:
         return float(STALENESS_EDGES[min(bucket, len(STALENESS_EDGES) - 1)])
 
 
+def paced_interval(every: float, took: float, duty: float) -> float:
+    """Seconds from the start of one round of periodic background work (an evaluation, a
+    checkpoint) to the next: ``every``, or longer when a round is slow (a large model), so
+    that the work takes at most ``duty`` of the time and never starves training beside it."""
+    return max(every, took / duty)
+
+
 class RateMeter:
     """Events per second over a sliding window of about ``window`` seconds."""
 

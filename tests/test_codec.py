@@ -229,6 +229,53 @@ def test_values_beyond_the_dtype_range_are_clipped_and_the_rest_kept(dtype: str)
     np.testing.assert_array_equal(densify(3, encoded) + encoder.residual, update)
 
 
+@settings(max_examples=100, deadline=None)
+@given(encoder_and_updates(), st.data())
+def test_accumulating_in_pieces_sends_the_same_as_the_whole(case: Any, data: Any) -> None:
+    """A gradient accumulated one parameter array at a time (in order, as a worker does,
+    or out of order; after dense pushes whose buffers stand for zeros too) is the same
+    update: same residual, same push."""
+    encoder, steps = case
+    twin = SparseEncoder(encoder.size, encoder.config)
+    for update in steps:
+        cuts = sorted(data.draw(st.sets(st.integers(0, encoder.size), max_size=4)))
+        bounds = list(zip([0, *cuts], [*cuts, encoder.size], strict=True))
+        if data.draw(st.booleans()):
+            bounds.reverse()
+        encoder.accumulate(update)
+        for lo, hi in bounds:
+            twin.accumulate(update[lo:hi], lo)
+        encoded, other = encoder.encode(), twin.encode()
+        assert encoded.dense == other.dense
+        np.testing.assert_array_equal(densify(encoder.size, encoded), densify(twin.size, other))
+        np.testing.assert_array_equal(encoder.residual, twin.residual)
+
+
+def test_a_piece_must_fit_inside_the_range() -> None:
+    encoder = SparseEncoder(10)
+    encoder.accumulate(np.ones(4, np.float32), 6)
+    with pytest.raises(ValueError, match="overflows a range of 10"):
+        encoder.accumulate(np.ones(4, np.float32), 7)
+    with pytest.raises(ValueError, match="overflows"):
+        encoder.accumulate(np.ones(1, np.float32), -1)
+    with pytest.raises(ValueError, match="encoder expects"):
+        encoder.encode(np.ones(4, np.float32))  # a push is always the whole range
+    assert encoder.residual[6:].tolist() == [1.0] * 4 and not encoder.residual[:6].any()
+
+
+@pytest.mark.parametrize("density", [0.01, 1.0])
+def test_a_non_finite_piece_raises_at_the_next_push(density: float) -> None:
+    encoder = SparseEncoder(1000, CodecConfig(density=density, sample_size=100))
+    encoder.encode(np.ones(1000, np.float32))  # a dense push leaves a stale buffer
+    encoder.accumulate(np.ones(600, np.float32), 0)
+    bad = np.ones(400, np.float32)
+    bad[7] = np.nan
+    encoder.accumulate(bad, 600)
+    with pytest.raises(FloatingPointError, match="1 NaN/Inf"):
+        encoder.encode()
+    assert np.isfinite(encoder.residual).all() and encoder.residual[607] == 0
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("density", [0.01, 1.0])
 def test_a_non_finite_update_raises_and_does_not_poison_the_residual(

@@ -297,3 +297,13 @@ def test_flatten_gives_an_aligned_vector_that_jit_reads_in_place() -> None:
     flat = Layout.from_pytree(params, 1).flatten(params)
     assert flat.ctypes.data % 64 == 0
     assert jax.device_put(flat).unsafe_buffer_pointer() == flat.ctypes.data  # no copy
+
+
+def test_a_piece_of_the_flat_vector_splits_along_the_shard_ranges() -> None:
+    """How a worker routes one parameter array's gradient to the shards it spans."""
+    layout = Layout.from_pytree({"a": np.zeros(7, np.float32), "b": np.zeros(3, np.float32)}, 3)
+    assert [tuple(r) for r in layout.ranges] == [(0, 3), (3, 6), (6, 10)]
+    piece = np.arange(2, 9, dtype=np.float32)  # entries 2..8 of the flat vector
+    parts = [(k, start, part.tolist()) for k, start, part in layout.by_shard(2, piece)]
+    assert parts == [(0, 2, [2.0]), (1, 0, [3.0, 4.0, 5.0]), (2, 0, [6.0, 7.0, 8.0])]
+    assert [k for k, _, _ in layout.by_shard(7, np.zeros(3, np.float32))] == [2]

@@ -160,9 +160,13 @@ def _alive(pid: int) -> bool:
         return stat.read().split()[2] != "Z"
 
 
-def test_a_slow_evaluation_is_spaced_out_so_it_cannot_starve_training() -> None:
-    from dsgd.evaluator import DUTY, evaluation_interval
+def test_slow_evaluations_and_checkpoints_are_spaced_out_so_they_cannot_starve_training() -> None:
+    from dsgd.evaluator import DUTY
+    from dsgd.shard.process import CHECKPOINT_DUTY
+    from dsgd.stats import paced_interval
 
-    assert evaluation_interval(1.0, 0.05) == 1.0  # a quick model: every --eval-every
-    assert evaluation_interval(1.0, 10.0) == pytest.approx(10.0 / DUTY)  # 40 s for a 10 s one
-    assert evaluation_interval(60.0, 10.0) == 60.0
+    assert paced_interval(1.0, 0.05, DUTY) == 1.0  # a quick model: every --eval-every
+    assert paced_interval(1.0, 10.0, DUTY) == pytest.approx(10.0 / DUTY)  # 40 s for a 10 s one
+    assert paced_interval(60.0, 10.0, DUTY) == 60.0
+    # a 600 MB shard checkpoint that takes 2 s is written every 20 s, not every 5 s
+    assert paced_interval(5.0, 2.0, CHECKPOINT_DUTY) == pytest.approx(20.0)

@@ -109,8 +109,15 @@ class Replica:
         self.clients: list[ShardClient] = []
         size = compiled.layout.size
         # aligned: the jitted gradient reads params in place instead of copying them
-        self.server_params: FlatParams = aligned_empty(size)  # as last fetched
         self.params: FlatParams = aligned_empty(size)  # with local steps applied
+        # When every step fetches and nothing overlaps, a local step would be undone by the
+        # next fetch before any gradient saw it: the worker then takes none and keeps one
+        # copy of the parameters, which fetches write in place (300 MB and two passes over
+        # it per step at 75M parameters).
+        self.local_steps = config.n_fetch > 1 or config.overlap
+        self.server_params: FlatParams = (  # as last fetched
+            aligned_empty(size) if self.local_steps else self.params
+        )
         n = len(self.shards)
         self.held_versions = [-1] * n  # per shard: the version server_params hold
         self.held_incarnations = [0] * n  # ... of which shard incarnation
@@ -201,7 +208,7 @@ class Replica:
         stream = worker_batches(
             self.compiled, config, self.partition, self.num_partitions, self.worker_id
         )
-        local_lr = float(config.worker_lr)
+        local_lr = float(config.worker_lr) if self.local_steps else 0.0
         log.info(
             "worker %d training on partition %d/%d",
             self.worker_id,
@@ -213,19 +220,21 @@ class Replica:
             x, y = next(stream)
             if not config.overlap:
                 await self._exchange(push_due, fetch_due, adopt=True)
-                loss, grad = await self._gradient(x, y)
+                loss, pieces = await self._gradient(x, y)
             else:  # the previous step's push and the next fetch run while this one computes
                 exchange = asyncio.ensure_future(self._exchange(push_due, fetch_due, adopt=False))
                 try:
-                    loss, grad = await self._gradient(x, y)
+                    loss, pieces = await self._gradient(x, y)
                 finally:
                     fetched = await exchange
                 if fetched:
                     np.copyto(self.params, self.server_params)
-            for encoder, shard in zip(self.encoders, self.shards, strict=True):
-                encoder.accumulate(grad[shard.start : shard.stop])
-            if local_lr:
-                subtract_scaled(self.params, grad, local_lr)
+            for offset, values in pieces:
+                for k, start, part in self.compiled.layout.by_shard(offset, values):
+                    self.encoders[k].accumulate(part, start)
+                if local_lr:
+                    subtract_scaled(self.params[offset : offset + values.size], values, local_lr)
+            del pieces  # JAX's output buffers: free before the next step allocates its own
             self.step += 1
             self.rate.add()
             self.loss = loss if np.isnan(self.loss) else 0.95 * self.loss + 0.05 * loss
@@ -234,14 +243,17 @@ class Replica:
         await self.push(flush=True)  # what the residuals still hold, so nothing is left behind
         await self.drain()
 
-    async def _gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[float, FlatParams]:
-        """The gradient at ``params``, computed in a thread (the loop goes on meanwhile)."""
+    async def _gradient(
+        self, x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, list[tuple[int, FlatParams]]]:
+        """The gradient at ``params`` in pieces (see ``CompiledModel.gradient_pieces``),
+        computed in a thread (the loop goes on meanwhile)."""
         began = time.perf_counter()
-        loss, grad = await asyncio.to_thread(self.compiled.gradient, self.params, x, y)
+        loss, pieces = await asyncio.to_thread(self.compiled.gradient_pieces, self.params, x, y)
         self.counters["gradient_seconds"] += time.perf_counter() - began
         if not self.notes:
             self._note_gradient_path()
-        return loss, grad
+        return loss, pieces
 
     async def _exchange(self, push: bool, fetch: bool, *, adopt: bool) -> bool:
         """Push what the encoders hold, then fetch; True if the fetch changed
@@ -330,7 +342,7 @@ class Replica:
             self.counters["fetches"] += 1
             self.counters["bytes_fetched"] += nbytes
             changed = True
-        if changed and adopt:
+        if changed and adopt and self.params is not self.server_params:
             np.copyto(self.params, self.server_params)
         return changed
 
