@@ -6,10 +6,17 @@ since v" first scans the block stamps (1/256 of the range), then the element sta
 of the changed blocks only (or all element stamps when most blocks changed), so its
 cost follows the number of changed blocks, and the answer is exactly the parameters
 that changed: nothing unchanged is resent.
+
+Most fetches ask for what changed since a recent version: the few pushes applied since
+the requester's last fetch. Those are answered from a log of the recent sparse changes
+(their index arrays, in the order applied) without scanning the stamps at all: at 75M
+parameters and 1% density, one push's indices instead of a 30-60 ms pass over 75M
+stamps, on the path of every worker's fetch.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -32,8 +39,15 @@ class ChangeTracker:
     the shard's hot path cost a third as much as applying the chunk.
     """
 
-    def __init__(self, size: int, version: int = 0) -> None:
+    def __init__(self, size: int, version: int = 0, log_budget: int | None = None) -> None:
         self.size = size
+        # the recent sparse changes, (version, ascending indices) in the order applied; it
+        # covers every change after version ``_log_from``, and holds at most ``log_budget``
+        # indices (the oldest are forgotten first)
+        self._log: deque[tuple[int, Indices]] = deque()
+        self._logged = 0
+        self._log_from = version
+        self.log_budget = size // 16 if log_budget is None else log_budget
         nblocks = -(-size // BLOCK)
         # padded to whole blocks (the padding stays 0 and is never reported)
         self._stamps = np.zeros(nblocks * BLOCK, np.uint32)
@@ -46,6 +60,7 @@ class ChangeTracker:
         """Parameters ``[offset, offset + count)`` changed at ``version``."""
         if not count:
             return
+        self._forget(version)  # a dense change is not logged: older versions need a scan
         stop = offset + count
         first = -(-offset // BLOCK)  # the whole blocks inside the range
         last = stop // BLOCK if stop < self.size else self.blocks.size
@@ -65,6 +80,21 @@ class ChangeTracker:
         ``version``."""
         self.elements[indices] = min(version, MAX_STAMP)
         self.blocks[np.right_shift(indices, _BLOCK_SHIFT)] = version
+        if indices.size > self.log_budget:
+            self._forget(version)
+            return
+        self._log.append((version, indices.astype(INDEX_DTYPE)))
+        self._logged += indices.size
+        while self._logged > self.log_budget:
+            oldest, dropped = self._log.popleft()
+            self._logged -= dropped.size
+            self._log_from = max(self._log_from, oldest)
+
+    def _forget(self, version: int) -> None:
+        """Empty the log: it now covers only changes after ``version``."""
+        self._log.clear()
+        self._logged = 0
+        self._log_from = max(self._log_from, version)
 
     def changed_since(self, version: int, max_fraction: float = 0.5) -> Indices | None:
         """Ascending indices of parameters changed after ``version``.
@@ -72,6 +102,9 @@ class ChangeTracker:
         None when more than ``max_fraction`` of them changed (sending the whole range is
         then cheaper than indices and values), or when stamps overflowed uint32.
         """
+        if version >= self._log_from:
+            logged = self._logged_since(version)
+            return None if logged.size > max_fraction * self.size else logged
         if version >= MAX_STAMP:
             return None
         blocks = np.flatnonzero(self.blocks > version)
@@ -91,3 +124,17 @@ class ChangeTracker:
         if changed.size > max_fraction * self.size:
             return None
         return changed.astype(INDEX_DTYPE)
+
+    def _logged_since(self, version: int) -> Indices:
+        """The union of the logged changes after ``version``, ascending."""
+        parts = [indices for v, indices in self._log if v > version]
+        if not parts:
+            return np.zeros(0, INDEX_DTYPE)
+        changed = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        if changed.size > 1 and not bool(np.all(changed[1:] > changed[:-1])):
+            changed.sort()  # pushes of several workers interleave: sort, drop repeats
+            keep = np.empty(changed.size, np.bool_)
+            keep[0] = True
+            np.not_equal(changed[1:], changed[:-1], out=keep[1:])
+            changed = changed[keep]
+        return changed
