@@ -14,6 +14,7 @@ flat float32 vector the parameter server stores.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable, Iterator
@@ -395,7 +396,14 @@ class CompiledModel:
         self._outputs = jax.jit(outputs)
 
     def initial_flat(self) -> FlatParams:
+        if self.spec.init_params is None:
+            raise RuntimeError("this model's initial values were dropped (drop_initial)")
         return self.layout.flatten(self.spec.init_params)
+
+    def drop_initial(self) -> None:
+        """Let go of the spec's initial values (300 MB at 75M parameters) in a process that
+        holds parameters of its own from then on; :meth:`initial_flat` then raises."""
+        self.spec = dataclasses.replace(self.spec, init_params=None)
 
     def _params_view(self, flat: FlatParams) -> PyTree:
         """The pytree of read-only float32 views of ``flat`` an eager function receives."""
@@ -415,13 +423,14 @@ class CompiledModel:
         except ModelError as exc:
             raise ModelError(f"the model's grad function returned gradients that {exc}") from None
 
-    def prepare_gradient(self, x: np.ndarray, y: np.ndarray) -> str:
-        """Decide, on one batch, how the gradient runs: jitted, or eagerly when JAX cannot
-        trace the model's functions. A function that raises for another reason is a
-        ModelError naming it. Returns the path (``jax.jit`` or ``eager``)."""
+    def prepare_gradient(self, x: np.ndarray, y: np.ndarray, flat: FlatParams | None = None) -> str:
+        """Decide, on one batch (at ``flat``, else the initial values), how the gradient
+        runs: jitted, or eagerly when JAX cannot trace the model's functions. A function
+        that raises for another reason is a ModelError naming it. Returns the path
+        (``jax.jit`` or ``eager``)."""
         import jax
 
-        flat = self.initial_flat()
+        flat = self.initial_flat() if flat is None else flat
         try:
             # run to the end: the first execution's one-time costs (a second at 75M
             # parameters) are then paid here, while the cluster starts, not by the first step
@@ -460,7 +469,7 @@ class CompiledModel:
         which runs first when it has not). A model function that raises is a ModelError.
         """
         if not self.gradient_path:
-            self.prepare_gradient(x, y)
+            self.prepare_gradient(x, y, flat)
         if self.gradient_path == EAGER:
             loss, grad = self._eager_gradient(flat, x, y)
             return loss, [(0, grad)]

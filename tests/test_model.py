@@ -607,3 +607,14 @@ def test_a_factory_that_raises_is_a_model_error_naming_it(fake_module: types.Mod
     fake_module.factory = factory  # type: ignore[attr-defined]
     with pytest.raises(ModelError, match=r"factory function \(.*factory\) raised FileNotFound"):
         load_model("dsgd_test_fake_models:factory")
+
+
+def test_a_worker_can_drop_the_initial_values_it_no_longer_needs(mlp: CompiledModel) -> None:
+    model = CompiledModel(mlp.spec, 1)
+    model.drop_initial()
+    assert model.spec.init_params is None and mlp.spec.init_params is not None
+    with pytest.raises(RuntimeError, match="dropped"):
+        model.initial_flat()
+    x, y = mlp.spec.dataset.x_train[:8], mlp.spec.dataset.y_train[:8]
+    _, grad = model.gradient(mlp.initial_flat(), x, y)  # the model itself still works
+    assert grad.shape == (mlp.layout.size,)

@@ -98,6 +98,8 @@ async def run_worker(
         )
         if reply is None:
             return {}
+        if spec is None:  # loaded here, so nothing else reads its initial values again
+            compiled.drop_initial()
         replica = Replica(
             compiled,
             TrainConfig.from_json(reply.config_json),
@@ -204,10 +206,8 @@ async def _heartbeats(
             log.info("worker %d: coordinator restarted; registering again", replica.worker_id)
             with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
                 again = await link.call(link.stub.RegisterWorker, request, "registering again")
-                if again.send_initial:
-                    await link.upload_initial(
-                        request.layout.fingerprint, replica.compiled.initial_flat()
-                    )
+                if again.send_initial:  # it lost them: the parameters this worker trains from
+                    await link.upload_initial(request.layout.fingerprint, replica.server_params)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), config.heartbeat_interval)
 
