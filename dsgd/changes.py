@@ -47,7 +47,7 @@ class ChangeTracker:
         self._log: deque[tuple[int, Indices]] = deque()
         self._logged = 0
         self._log_from = version
-        self.log_budget = size // 16 if log_budget is None else log_budget
+        self.log_budget = size // 32 if log_budget is None else log_budget
         nblocks = -(-size // BLOCK)
         # padded to whole blocks (the padding stays 0 and is never reported)
         self._stamps = np.zeros(nblocks * BLOCK, np.uint32)
@@ -80,6 +80,8 @@ class ChangeTracker:
         ``version``."""
         self.elements[indices] = min(version, MAX_STAMP)
         self.blocks[np.right_shift(indices, _BLOCK_SHIFT)] = version
+        if not indices.size:
+            return
         if indices.size > self.log_budget:
             self._forget(version)
             return

@@ -245,16 +245,17 @@ class SparseEncoder:
         cfg = self.config
         return density_at(self.pushes, cfg.density, cfg.warmup_pushes)
 
-    def accumulate(self, update: FlatParams, offset: int = 0) -> None:
+    def accumulate(self, update: FlatParams, offset: int | None = None) -> None:
         """Add ``update`` into the residual at ``offset`` without sending anything.
 
         A worker that sums several steps between pushes can accumulate straight into
         the encoder and call ``encode()`` without an argument, saving a full pass. An
-        update may come in pieces (a model's gradient, one parameter array at a time):
-        pieces in ascending order cost the same as one whole update.
+        update may come in pieces, each with its ``offset`` (a model's gradient, one
+        parameter array at a time): pieces in ascending order cost the same as one whole
+        update. Without ``offset`` the update must cover the whole range.
         """
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite: encode() raises
-            self._add(self._check(update, offset), offset)
+            self._add(self._check(update, offset), offset or 0)
 
     def _add(self, update: FlatParams, offset: int = 0) -> None:
         """residual[offset:] += update in cache-sized blocks, checking each sum while it is

@@ -353,8 +353,9 @@ class CompiledModel:
         self.gradient_note = ""  # why the gradient runs eagerly
         self.outputs_path = ""
         layout = self.layout
-        user_grad = spec.grad
-        loss_fn = spec.loss
+        # the functions, not the spec: the jitted closures must not keep the spec's initial
+        # values alive (see drop_initial)
+        user_grad, loss_fn, apply_fn = spec.grad, spec.loss, spec.apply
 
         def checked(grads: PyTree) -> tuple[Array, ...]:
             leaves = tuple(jnp.asarray(g, jnp.float32) for g in jax.tree_util.tree_leaves(grads))
@@ -377,8 +378,8 @@ class CompiledModel:
             assert loss_fn is not None
 
             def objective(params: PyTree, x: Array, y: Array) -> Array:
-                with _blame("apply", spec.apply):
-                    outputs = spec.apply(params, x)
+                with _blame("apply", apply_fn):
+                    outputs = apply_fn(params, x)
                 with _blame("loss", loss_fn):
                     return loss_fn(outputs, y)
 
@@ -389,8 +390,8 @@ class CompiledModel:
                 return loss, checked(grads)
 
         def outputs(flat: Array, x: Array) -> Array:
-            with _blame("apply", spec.apply):
-                return spec.apply(layout.unflatten(flat), x)
+            with _blame("apply", apply_fn):
+                return apply_fn(layout.unflatten(flat), x)
 
         self.grad_step = jax.jit(leaf_grads)  # (loss, per-leaf gradients)
         self._outputs = jax.jit(outputs)
@@ -486,8 +487,8 @@ class CompiledModel:
         return float(loss), pieces
 
     def gradient(self, flat: FlatParams, x: np.ndarray, y: np.ndarray) -> tuple[float, FlatParams]:
-        """Loss and flat float32 gradient at ``flat`` for one batch (a new vector; see
-        :meth:`gradient_pieces`, which workers use)."""
+        """Loss and flat float32 gradient at ``flat`` for one batch (valid until the next
+        call, like :meth:`gradient_pieces`, which workers use)."""
         loss, pieces = self.gradient_pieces(flat, x, y)
         if len(pieces) == 1:
             return loss, pieces[0][1]

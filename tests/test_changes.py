@@ -60,6 +60,8 @@ def test_recent_changes_come_from_the_log_and_older_ones_from_the_stamps() -> No
     tracker.mark(np.arange(8, dtype=np.uint32), 3)  # over budget: version 1 is forgotten
     assert [v for v, _ in tracker._log] == [2, 3]
     np.testing.assert_array_equal(tracker.changed_since(0), [*range(8), 900, 7000, 20000])
+    tracker.mark(np.zeros(0, np.uint32), 3)  # an empty push changes nothing: not logged
+    assert len(tracker._log) == 2
     tracker.mark_range(BLOCK, 2 * BLOCK, 4)  # dense: not logged
     assert not tracker._log and tracker.changed_since(4).size == 0
     assert tracker.changed_since(3).size == 2 * BLOCK

@@ -260,6 +260,8 @@ def test_a_piece_must_fit_inside_the_range() -> None:
         encoder.accumulate(np.ones(1, np.float32), -1)
     with pytest.raises(ValueError, match="encoder expects"):
         encoder.encode(np.ones(4, np.float32))  # a push is always the whole range
+    with pytest.raises(ValueError, match="encoder expects"):
+        encoder.accumulate(np.ones(4, np.float32))  # so is an update without an offset
     assert encoder.residual[6:].tolist() == [1.0] * 4 and not encoder.residual[:6].any()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 from collections.abc import Iterator
@@ -610,8 +611,18 @@ def test_a_factory_that_raises_is_a_model_error_naming_it(fake_module: types.Mod
 
 
 def test_a_worker_can_drop_the_initial_values_it_no_longer_needs(mlp: CompiledModel) -> None:
-    model = CompiledModel(mlp.spec, 1)
+    import gc
+    import weakref
+
+    import jax
+
+    own = jax.tree_util.tree_map(np.array, mlp.spec.init_params)
+    first = weakref.ref(jax.tree_util.tree_leaves(own)[0])
+    model = CompiledModel(dataclasses.replace(mlp.spec, init_params=own), 1)
+    del own
     model.drop_initial()
+    gc.collect()
+    assert first() is None  # freed: nothing (the jitted functions neither) holds them
     assert model.spec.init_params is None and mlp.spec.init_params is not None
     with pytest.raises(RuntimeError, match="dropped"):
         model.initial_flat()

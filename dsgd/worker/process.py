@@ -206,7 +206,9 @@ async def _heartbeats(
             log.info("worker %d: coordinator restarted; registering again", replica.worker_id)
             with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
                 again = await link.call(link.stub.RegisterWorker, request, "registering again")
-                if again.send_initial:  # it lost them: the parameters this worker trains from
+                # it lost its parameters: give it the ones this worker trains from, once
+                # every shard's share has been fetched (another member gives them otherwise)
+                if again.send_initial and not replica.fetch_missing():
                     await link.upload_initial(request.layout.fingerprint, replica.server_params)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), config.heartbeat_interval)

@@ -110,11 +110,12 @@ class Replica:
         size = compiled.layout.size
         # aligned: the jitted gradient reads params in place instead of copying them
         self.params: FlatParams = aligned_empty(size)  # with local steps applied
-        # When every step fetches and nothing overlaps, a local step would be undone by the
-        # next fetch before any gradient saw it: the worker then takes none and keeps one
+        # When every step pushes and fetches and nothing overlaps, a local step would be
+        # undone by the next fetch before any gradient saw it: the worker then takes none
+        # and keeps one
         # copy of the parameters, which fetches write in place (300 MB and two passes over
         # it per step at 75M parameters).
-        self.local_steps = config.n_fetch > 1 or config.overlap
+        self.local_steps = config.n_fetch > 1 or config.n_push > 1 or config.overlap
         self.server_params: FlatParams = (  # as last fetched
             aligned_empty(size) if self.local_steps else self.params
         )
@@ -229,11 +230,7 @@ class Replica:
                     fetched = await exchange
                 if fetched:
                     np.copyto(self.params, self.server_params)
-            for offset, values in pieces:
-                for k, start, part in self.compiled.layout.by_shard(offset, values):
-                    self.encoders[k].accumulate(part, start)
-                if local_lr:
-                    subtract_scaled(self.params[offset : offset + values.size], values, local_lr)
+            self._take(pieces, local_lr)
             del pieces  # JAX's output buffers: free before the next step allocates its own
             self.step += 1
             self.rate.add()
@@ -254,6 +251,14 @@ class Replica:
         if not self.notes:
             self._note_gradient_path()
         return loss, pieces
+
+    def _take(self, pieces: list[tuple[int, FlatParams]], local_lr: float) -> None:
+        """Add a gradient's pieces into the encoders (and take the local step)."""
+        for offset, values in pieces:
+            for k, start, part in self.compiled.layout.by_shard(offset, values):
+                self.encoders[k].accumulate(part, start)
+            if local_lr:
+                subtract_scaled(self.params[offset : offset + values.size], values, local_lr)
 
     async def _exchange(self, push: bool, fetch: bool, *, adopt: bool) -> bool:
         """Push what the encoders hold, then fetch; True if the fetch changed
