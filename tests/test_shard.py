@@ -162,6 +162,28 @@ async def test_sparse_pull_returns_exactly_the_changed_parameters(harness: Harne
     assert harness.server.counters["fetches_sparse"] == 1
 
 
+async def test_a_fetch_between_the_chunks_of_a_push_gets_the_rest_next_time(
+    harness: Harness,
+) -> None:
+    """Hogwild: a fetch may see a push in part. It then names the version before that
+    push, so the next fetch of what changed since brings the chunks applied after it."""
+    size = harness.server.state.params.size
+    mine = await harness.fetch()
+    idx = np.arange(0, size, 7, dtype=np.uint32)
+    header = replace(harness.header(1), worker=8)  # another worker's push, in 3 chunks
+    chunks = list(wire.sparse_chunks(header, idx, np.ones(idx.size, np.float32), 8 * 60))
+    assert len(chunks) >= 3
+    await harness.send_raw([bytes(f) for f in chunks[0].frames])
+    version, _ = await harness.client.fetch(mine, since=0)
+    assert version == 0 and harness.server.state.version == 1  # before the partial push
+    for chunk in chunks[1:]:
+        await harness.send_raw([bytes(f) for f in chunk.frames])
+    version, _ = await harness.client.fetch(mine, since=version)
+    assert version == 1  # complete now
+    np.testing.assert_array_equal(mine, harness.server.state.params)
+    assert harness.server.counters["fetches_sparse"] == 2
+
+
 @pytest.mark.parametrize("harness", [{"staleness": "drop:2"}], indirect=True)
 async def test_drop_policy_refuses_stale_pushes(harness: Harness) -> None:
     grad = np.ones(harness.server.state.params.size, np.float32)

@@ -34,6 +34,7 @@ from dsgd.wire import AckStatus
 log = logging.getLogger("dsgd.shard")
 
 DEDUP_WINDOW = 4096  # push sequences per worker remembered for at-most-once apply
+PARTIAL_HORIZON = 16  # versions after which a push still missing chunks is given up on
 MAX_WORKER_BOOKS = 4096  # (worker, incarnation) pairs remembered
 MAX_UPDATE_VALUE = 1e15  # larger gradient values are refused: applying them could overflow
 SPARSE_PULL_MAX_FRACTION = 0.5  # above this fraction of changed blocks, send the full range
@@ -87,6 +88,7 @@ class _PushRecord:
     staleness: int
     chunks: set[int] = field(default_factory=set)
     applied: bool = False
+    version: int = 0  # the shard's version once its first chunk was applied
 
 
 @dataclass
@@ -151,6 +153,9 @@ class ShardCore:
         # at-most-once books per (worker id, worker incarnation): a restarted worker
         # starts its sequence numbers again without being mistaken for a replay
         self._workers: OrderedDict[tuple[int, int], _WorkerBook] = OrderedDict()
+        # pushes applied in part (chunks still to come), oldest first: a fetch answered
+        # meanwhile names a version before them (see plan_fetch)
+        self._partial: OrderedDict[int, _PushRecord] = OrderedDict()
         self.shard_range = shard_range or ShardRange(0, state.params.size)
         self.num_shards = num_shards
         self.installed = True
@@ -237,12 +242,38 @@ class ShardCore:
         if not push.applied:
             push.applied = True
             state.version += 1
+            push.version = state.version
             self.counters["pushes"] += 1
+        self._track_partial(push, header.nchunks)
         self._apply_values(header, indices, values32, lr_scale)
         self.counters["updates_applied"] += 1
         self.counters["values_applied"] += header.count
         self.apply_rate.add()
         return Outcome(AckStatus.APPLIED)
+
+    def _track_partial(self, push: _PushRecord, nchunks: int) -> None:
+        """Keep ``_partial`` to the pushes with chunks still to come; forget those that
+        fell PARTIAL_HORIZON versions behind (their sender died, or a chunk was refused)."""
+        key = id(push)
+        if len(push.chunks) < nchunks:
+            self._partial.setdefault(key, push)
+        else:
+            self._partial.pop(key, None)
+        while self._partial:
+            oldest = next(iter(self._partial.values()))
+            if oldest.version > self.state.version - PARTIAL_HORIZON:
+                break
+            self._partial.popitem(last=False)
+
+    def fetch_version(self) -> int:
+        """The version a fetch reply names: the current one, or just before the oldest
+        push applied in part. Its later chunks are stamped with versions after the one
+        the reply names, so the requester's next fetch of what changed since then
+        includes them; naming the current version would leave the requester without
+        them until those parameters change again."""
+        if not self._partial:
+            return self.state.version
+        return min(self.state.version, next(iter(self._partial.values())).version - 1)
 
     def _check_push(
         self, header: wire.Header, indices: np.ndarray | None, values32: FlatParams
@@ -305,12 +336,13 @@ class ShardCore:
     def plan_fetch(self, request: wire.Header) -> list[list[Any]]:
         """The PARAMS messages answering a FETCH: the range, or (when cheaper) only the
         parameters changed since the version the requester holds. Zero-copy views of
-        the live parameters (Hogwild: a push applied meanwhile may show in part)."""
+        the live parameters (Hogwild: a push applied meanwhile may show in part, and then
+        the reply names the version before it: see :meth:`fetch_version`)."""
         params = self.state.params
         template = replace(
             request,
             kind=wire.PARAMS,
-            version=self.state.version,
+            version=self.fetch_version(),
             incarnation=self.incarnation,
             offset=0,
             status="",
