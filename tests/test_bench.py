@@ -183,3 +183,38 @@ def test_the_caltech_benchmark_measures_a_standalone_loop_and_a_cluster(
     assert rows["standalone"]["ratio_to_standalone"] == 1.0
     expected = cluster["steps_per_second"] / standalone["steps_per_second"]
     assert rows["1w-1%-fp16"]["ratio_to_standalone"] == pytest.approx(expected)
+
+
+def test_time_to_a_fixed_accuracy_counts_training_from_the_first_step(tmp_path: Path) -> None:
+    """DistBelief's Figure 5 figure: the standalone loop's curve counts training time only,
+    a dsgd run's counts from the coordinator's start, so its start-up comes off; a run that
+    never reached the accuracy has no time and is said to."""
+    from bench import caltech
+
+    def record(run: str, first: float, curve: list[tuple[float, float]]) -> dict[str, Any]:
+        points = [{"seconds": s, "steps": 0, "accuracy": a} for s, a in curve]
+        return {
+            "run": run,
+            "steps_per_second": 2.0,
+            "seconds_to_first_step": first,
+            "best_accuracy": max(a for _, a in curve),
+            "train_seconds": curve[-1][0],
+            "peak_rss_mb": {"x": 1.0},
+            "curve": points,
+        }
+
+    standalone = record("standalone", 7.0, [(0.0, 0.01), (60.0, 0.3), (120.0, 0.45)])
+    cluster = record("1w-1%", 12.0, [(10.0, 0.01), (100.0, 0.35), (190.0, 0.41)])
+    stuck = record("2w-1%", 15.0, [(20.0, 0.01), (300.0, 0.2)])
+    assert caltech.training_seconds_to(standalone, 0.4) == 120.0
+    assert caltech.training_seconds_to(cluster, 0.4) == 178.0  # 190 s less 12 s of start-up
+    assert caltech.training_seconds_to(stuck, 0.4) is None
+    rows = {r["run"]: r for r in caltech.aggregate([standalone, cluster, stuck], 0.4)}
+    assert rows["1w-1%"]["training_seconds_to_target"] == 178.0
+    assert rows["2w-1%"]["reached_target_runs"] == 0
+    doc = {"target_accuracy": 0.4, "records": [standalone, cluster, stuck]}
+    (tmp_path / "in.json").write_text(json.dumps(doc))
+    assert caltech.main(["--replot", str(tmp_path / "in.json"), "--out", str(tmp_path)]) == 0
+    redone = json.loads((tmp_path / "caltech.json").read_text())
+    assert redone["rows"][1]["training_seconds_to_target"] == 178.0
+    assert (tmp_path / "caltech.png").read_bytes().startswith(PNG_MAGIC)
