@@ -112,9 +112,8 @@ class Replica:
         self.params: FlatParams = aligned_empty(size)  # with local steps applied
         # When every step pushes and fetches and nothing overlaps, a local step would be
         # undone by the next fetch before any gradient saw it: the worker then takes none
-        # and keeps one
-        # copy of the parameters, which fetches write in place (300 MB and two passes over
-        # it per step at 75M parameters).
+        # and keeps one copy of the parameters, which fetches write in place (300 MB and
+        # two passes over it per step at 75M parameters).
         self.local_steps = config.n_fetch > 1 or config.n_push > 1 or config.overlap
         self.server_params: FlatParams = (  # as last fetched
             aligned_empty(size) if self.local_steps else self.params
