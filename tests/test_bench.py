@@ -218,3 +218,25 @@ def test_time_to_a_fixed_accuracy_counts_training_from_the_first_step(tmp_path: 
     redone = json.loads((tmp_path / "caltech.json").read_text())
     assert redone["rows"][1]["training_seconds_to_target"] == 178.0
     assert (tmp_path / "caltech.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_cycle_benchmark_checks_that_no_update_is_lost_or_doubled(tmp_path: Path) -> None:
+    """A short run of the pull-push cycle against dsgd's shards and the plain-TCP reference:
+    both servers applied exactly the acknowledged pushes, and the ratio is theirs."""
+    out = tmp_path / "cycle.json"
+    argv = ["--params", "50000", "--workers", "2", "--shards", "2", "--seconds", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ps_cycle", *argv, "--warmup", "0.5", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    for server in ("dsgd", "tcp"):
+        figures = doc[server]
+        assert figures["head_exact"] and figures["pushes_match"], figures
+        assert figures["shard_pushes"] == [sum(figures["acknowledged"])] * 2
+        assert figures["pulls"] > 0 and figures["cycles_per_s"] > 0
+    assert doc["ratio"] == pytest.approx(doc["dsgd"]["cycles_per_s"] / doc["tcp"]["cycles_per_s"])
