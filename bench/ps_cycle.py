@@ -70,18 +70,11 @@ def _window(stamps: list[float], began: float, warmup: float, seconds: float) ->
     return sum(1 for t in stamps if began + warmup <= t < began + warmup + seconds)
 
 
-def dsgd_worker(
-    conn: multiprocessing.connection.Connection,
-    worker: int,
-    size: int,
-    shards: list[tuple[int, int, str, str]],
-    began: float,
-    warmup: float,
-    seconds: float,
-) -> None:
-    """Cycle against dsgd shards until the window is over; report counts."""
+def dsgd_worker(conn: multiprocessing.connection.Connection, *job: Any) -> None:
+    """Cycle against dsgd shards until the window is over; report counts (see
+    :func:`_dsgd_cycles` for ``job``)."""
     try:
-        conn.send(asyncio.run(_dsgd_cycles(worker, size, shards, began, warmup, seconds)))
+        conn.send(asyncio.run(_dsgd_cycles(*job)))
     finally:
         conn.close()
 
