@@ -37,14 +37,14 @@ import numpy as np
 
 from dsgd.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: an ACK covers ``count`` consecutive chunks
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_HEADER_BYTES = 4096
 MAX_FRAME_BYTES = 64 << 20
 
 # kinds
 PUSH = "push"  # worker -> shard: an update chunk
-ACK = "ack"  # shard -> worker: what became of one push chunk
+ACK = "ack"  # shard -> worker: what became of push chunks [chunk, chunk + count)
 FETCH = "fetch"  # worker -> shard: send me parameters (changed since `version`)
 PARAMS = "params"  # shard -> worker: a chunk of parameters
 VERSION = "version"  # shard -> all (PUB): my current version
@@ -150,12 +150,51 @@ def unpack_header(frame: bytes | memoryview) -> Header:
         raise ProtocolError(f"unknown encoding {header.encoding!r}")
     if header.dtype not in VALUE_DTYPES:
         raise ProtocolError(f"unknown value dtype {header.dtype!r}")
-    if not (0 <= header.chunk < header.nchunks) or header.count < 0 or header.offset < 0:
+    if (
+        not (0 <= header.chunk < header.nchunks)
+        or header.count < 0
+        or header.offset < 0
+        or (header.kind == ACK and header.chunk + header.count > header.nchunks)
+    ):
         raise ProtocolError(
             f"bad chunk numbering: chunk {header.chunk} of {header.nchunks}, "
             f"offset {header.offset}, count {header.count}"
         )
     return header
+
+
+def acked_chunks(ack: Header) -> range:
+    """The push chunks one ACK answers: ``count`` of them from ``chunk`` (at least one)."""
+    return range(ack.chunk, ack.chunk + max(ack.count, 1))
+
+
+def merge_acks(acks: Sequence[Header]) -> list[Header]:
+    """Fewer ACKs saying the same: those of one push with one status and reason, for
+    consecutive chunks, become one ACK of ``count`` chunks (naming the latest version).
+    ``acks`` go to one peer.
+
+    A shard that handled a burst of chunks answers them with one message instead of one
+    each; the order of the merged ACKs follows their first chunk's arrival.
+    """
+    runs: dict[tuple[int, int, str, str], list[Header]] = {}
+    for ack in acks:
+        runs.setdefault((ack.worker, ack.seq, ack.status, ack.reason), []).append(ack)
+    merged: list[Header] = []
+    for same in runs.values():
+        same.sort(key=attrgetter("chunk"))
+        run = [same[0]]
+        for ack in same[1:]:
+            if ack.chunk != run[-1].chunk + max(run[-1].count, 1):
+                merged.append(_one_ack(run))
+                run = []
+            run.append(ack)
+        merged.append(_one_ack(run))
+    return merged
+
+
+def _one_ack(run: list[Header]) -> Header:
+    covered = sum(max(ack.count, 1) for ack in run)
+    return replace(run[0], count=covered, version=max(ack.version for ack in run))
 
 
 def encode(header: Header, *arrays: np.ndarray) -> list[Any]:
@@ -279,7 +318,7 @@ def sparse_chunks(
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _KEEP_FREE_BYTES = 128 << 20
-_MMAP_ABOVE_BYTES = 4 << 20
+_MMAP_ABOVE_BYTES = 16 << 20
 
 
 @functools.cache

@@ -35,11 +35,13 @@ from dsgd.wire import (
     VALUE_DTYPES,
     VERSION,
     Header,
+    acked_chunks,
     chunk_bounds,
     decode,
     dense_chunks,
     dtype_name,
     encode,
+    merge_acks,
     pack_header,
     payload_bytes,
     sparse_chunks,
@@ -577,7 +579,7 @@ def test_decode_rejects_frame_lengths_that_disagree_with_count(
         ({"encoding": SPARSE}, 1),
         ({"encoding": SPARSE}, 3),
         ({"kind": PARAMS, "encoding": DENSE}, 3),
-        ({"kind": ACK}, 1),
+        ({"kind": ACK, "count": 1}, 1),
         ({"kind": FETCH}, 2),
         ({"kind": VERSION}, 1),
         ({"kind": ERROR}, 1),
@@ -734,3 +736,48 @@ def test_chunks_know_their_slice_of_the_arrays() -> None:
     sparse = list(sparse_chunks(_template(), indices, values, 800))
     assert sparse[0].start == 0 and sparse[-1].stop == 1000
     assert all(a.stop == b.start for a, b in zip(sparse, sparse[1:], strict=False))
+
+
+# -- acknowledgements covering several chunks ---------------------------------------------
+
+
+def _ack(chunk: int, *, seq: int = 5, status: str = "applied", **kw: Any) -> Header:
+    fields: dict[str, Any] = dict(kind=ACK, fingerprint=1, shard=0, worker=3, nchunks=16)
+    fields.update(count=1, version=0)
+    fields.update(kw)
+    return Header(seq=seq, chunk=chunk, status=status, **fields)
+
+
+def test_merge_acks_makes_one_ack_per_run_of_consecutive_chunks() -> None:
+    acks = [_ack(2, version=4), _ack(0, version=2), _ack(1, version=3), _ack(5), _ack(6)]
+    merged = merge_acks(acks)
+    assert [(a.chunk, a.count) for a in merged] == [(0, 3), (5, 2)]
+    assert merged[0].version == 4  # the latest version of the run
+    assert [list(acked_chunks(a)) for a in merged] == [[0, 1, 2], [5, 6]]
+
+
+def test_merge_acks_keeps_pushes_statuses_and_reasons_apart() -> None:
+    acks = [
+        _ack(0),
+        _ack(1, status="duplicate"),
+        _ack(2),
+        _ack(0, seq=6),
+        _ack(3, status="rejected", reason="a"),
+        _ack(4, status="rejected", reason="b"),
+    ]
+    merged = merge_acks(acks)
+    covered = sorted((a.seq, c, a.status, a.reason) for a in merged for c in acked_chunks(a))
+    assert covered == sorted((a.seq, a.chunk, a.status, a.reason) for a in acks)
+    assert len(merged) == len(acks)  # no two of them may share an ACK
+
+
+def test_an_ack_counting_zero_chunks_still_acknowledges_one() -> None:
+    assert list(acked_chunks(_ack(4, count=0))) == [4]
+    assert merge_acks([_ack(4, count=0), _ack(5)])[0].count == 2
+
+
+def test_an_ack_beyond_the_push_is_refused() -> None:
+    raw = asdict(_ack(14, count=3))
+    with pytest.raises(ProtocolError, match="chunk numbering"):
+        unpack_header(msgpack.packb(raw))
+    assert unpack_header(msgpack.packb(asdict(_ack(13, count=3)))).count == 3

@@ -26,12 +26,14 @@ import zmq.asyncio
 
 from dsgd import wire
 from dsgd.errors import Closed, ConfigError, PeerLost, ProtocolError
+from dsgd.sockets import LoopSocket, connect_address
 from dsgd.types import FlatParams, ShardInfo
 from dsgd.wire import AckStatus
 
 log = logging.getLogger("dsgd.client")
 
 SHARD_SILENT = 2.0  # seconds without a word from a shard before it counts as unavailable
+BATCH = 64  # replies read before other tasks get a turn
 
 
 class PushResult(NamedTuple):
@@ -54,18 +56,18 @@ PushDone = Callable[[PushResult], None]
 @dataclass
 class _PendingPush:
     chunks: Sequence[wire.Chunk]
-    done: asyncio.Future[None]
+    on_done: PushDone
+    expiry: asyncio.TimerHandle | None = None
     statuses: dict[int, AckStatus] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
-    def settle(self, chunk: int, status: AckStatus, reason: str = "") -> None:
-        if chunk in self.statuses or not 0 <= chunk < len(self.chunks):
-            return
-        self.statuses[chunk] = status
-        if status == AckStatus.REJECTED:
-            self.reasons.append(reason)
-        if len(self.statuses) == len(self.chunks) and not self.done.done():
-            self.done.set_result(None)
+    def settle(self, chunk: int, status: AckStatus, reason: str = "") -> bool:
+        """Record one chunk's fate; True once every chunk has one."""
+        if chunk not in self.statuses and 0 <= chunk < len(self.chunks):
+            self.statuses[chunk] = status
+            if status == AckStatus.REJECTED:
+                self.reasons.append(reason)
+        return len(self.statuses) == len(self.chunks)
 
     def result(self, seq: int) -> PushResult:
         statuses = [self.statuses.get(i) for i in range(len(self.chunks))]
@@ -107,29 +109,32 @@ class ShardClient:
         self._ctx = context
         self._permits = asyncio.Semaphore(max_inflight)
         self._pushes: dict[int, _PendingPush] = {}
+        self._settled: asyncio.Event | None = None  # set when the last push in flight settles
         self._fetches: dict[int, _PendingFetch] = {}
         self._request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._dealer: zmq.asyncio.Socket | None = None
+        self._dealer: LoopSocket | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._closed = False
         self.broadcast_version = -1  # the latest version the shard announced
         self.incarnation = 0  # the shard incarnation last seen (ack, reply or broadcast)
         self.last_heard = time.monotonic()
         self.bytes_pushed = 0
+        self.connected_to = ""
 
     async def start(self) -> None:
         wire.keep_frame_memory()  # parameter replies arrive as 1 MiB frames too
-        dealer = self._ctx.socket(zmq.DEALER)
+        dealer: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.DEALER)
         sub = self._ctx.socket(zmq.SUB)
         for sock in (dealer, sub):
             sock.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.SNDHWM, 100_000)
         dealer.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.connected_to = connect_address(self.data_address)  # a local twin, or TCP
         try:
-            dealer.connect(self.data_address)
-            sub.connect(self.pub_address)
+            dealer.connect(self.connected_to)
+            sub.connect(connect_address(self.pub_address))
         except zmq.ZMQError as exc:
             dealer.close(linger=0)
             sub.close(linger=0)
@@ -137,7 +142,7 @@ class ShardClient:
                 f"cannot connect to shard {self.shard_id} at {self.data_address} / "
                 f"{self.pub_address}: {exc}"
             ) from None
-        self._dealer, self._sub = dealer, sub
+        self._dealer, self._sub = LoopSocket(dealer), sub
         self._spawn(self._receive_loop(), "receive")
         self._spawn(self._broadcast_loop(), "broadcast")
 
@@ -156,15 +161,16 @@ class ShardClient:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        futures: list[asyncio.Future[Any]] = [p.done for p in self._pushes.values()]
-        futures += [f.done for f in self._fetches.values()]
-        for future in futures:
-            if not future.done():
-                future.set_exception(Closed("client closed"))
-                future.exception()  # mark retrieved
-        for sock in (self._dealer, self._sub):
-            if sock is not None:
-                sock.close(linger=0)
+        for seq in list(self._pushes):
+            self._finish_push(seq)  # what was acknowledged so far; the rest is lost
+        for fetch in self._fetches.values():
+            if not fetch.done.done():
+                fetch.done.set_exception(Closed("client closed"))
+                fetch.done.exception()  # mark retrieved
+        if self._dealer is not None:
+            self._dealer.close()
+        if self._sub is not None:
+            self._sub.close(linger=0)
 
     # -- push ------------------------------------------------------------------------------
 
@@ -187,45 +193,56 @@ class ShardClient:
         """
         if self._closed or self._dealer is None:
             raise Closed("push on a closed ShardClient")
-        try:
-            await asyncio.wait_for(self._permits.acquire(), permit_timeout)
-        except TimeoutError:
-            return False
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pending = self._pushes[seq] = _PendingPush(chunks, future)
+        if self._permits.locked():  # (a free permit is taken without a timer task)
+            try:
+                await asyncio.wait_for(self._permits.acquire(), permit_timeout)
+            except TimeoutError:
+                return False
+        else:
+            await self._permits.acquire()
+        pending = self._pushes[seq] = _PendingPush(chunks, on_done)
         try:
             for chunk in chunks:
                 self.bytes_pushed += wire.payload_bytes(chunk.frames)
-                await self._dealer.send_multipart(chunk.frames, copy=False)
+                await self._dealer.send(chunk.frames)
         except BaseException:
             self._pushes.pop(seq, None)
             self._permits.release()
             raise
-        self._spawn(self._await_acks(seq, pending, on_done), f"acks-{seq}")
+        if seq in self._pushes:  # (not settled already: the ACKs are read by another task)
+            loop = asyncio.get_running_loop()
+            pending.expiry = loop.call_later(self.ack_timeout, self._expire_push, seq)
         return True
 
-    async def _await_acks(self, seq: int, pending: _PendingPush, on_done: PushDone) -> None:
+    def _expire_push(self, seq: int) -> None:
+        log.warning(
+            "shard %d did not acknowledge push %d within %.0f s",
+            self.shard_id,
+            seq,
+            self.ack_timeout,
+        )
+        self._finish_push(seq)
+
+    def _finish_push(self, seq: int) -> None:
+        """Hand a push's result to its caller (all chunks settled, timed out or closed)."""
+        pending = self._pushes.pop(seq, None)
+        if pending is None:
+            return
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        self._permits.release()
+        if not self._pushes and self._settled is not None:
+            self._settled.set()
         try:
-            await asyncio.wait_for(asyncio.shield(pending.done), self.ack_timeout)
-        except TimeoutError:
-            log.warning(
-                "shard %d did not acknowledge push %d within %.0f s",
-                self.shard_id,
-                seq,
-                self.ack_timeout,
-            )
-        except Closed:
-            pass
-        finally:
-            self._pushes.pop(seq, None)
-            self._permits.release()
-            on_done(pending.result(seq))
+            pending.on_done(pending.result(seq))
+        except Exception:  # the caller's bug must not stop this client's receive loop
+            log.exception("shard %d: the callback of push %d failed", self.shard_id, seq)
 
     async def drain(self) -> None:
         """Wait until every push in flight is acknowledged or failed (bound it with a timeout)."""
         while self._pushes:
-            await asyncio.wait([p.done for p in self._pushes.values()])
-            await asyncio.sleep(0)  # let the ack waiters run and release their permits
+            self._settled = asyncio.Event()
+            await self._settled.wait()
 
     # -- fetch -----------------------------------------------------------------------------
 
@@ -249,37 +266,57 @@ class ShardClient:
             seq=request,
             base_version=since,
         )
+        expiry = asyncio.get_running_loop().call_later(
+            self.fetch_timeout, self._expire_fetch, future
+        )
         try:
-            await self._dealer.send_multipart(wire.encode(header))
-            version = await asyncio.wait_for(future, self.fetch_timeout)
-        except TimeoutError:
-            raise PeerLost(
-                f"shard {self.shard_id} at {self.data_address} did not answer a fetch "
-                f"within {self.fetch_timeout:.0f} s"
-            ) from None
+            await self._dealer.send(wire.encode(header))
+            version = await future
         finally:
+            expiry.cancel()
             self._fetches.pop(request, None)
         return version, pending.bytes
+
+    def _expire_fetch(self, future: asyncio.Future[int]) -> None:
+        if not future.done():
+            future.set_exception(
+                PeerLost(
+                    f"shard {self.shard_id} at {self.data_address} did not answer a fetch "
+                    f"within {self.fetch_timeout:.0f} s"
+                )
+            )
 
     # -- receiving -------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        assert self._dealer is not None
+        dealer = self._dealer
+        assert dealer is not None
+        handled = 0
         while True:
-            frames = await self._dealer.recv_multipart(copy=False)
-            self.last_heard = time.monotonic()
-            try:
-                header, arrays = wire.decode(frames)
-            except ProtocolError as exc:
-                log.warning("shard %d sent a malformed message: %s", self.shard_id, exc)
-                continue
-            self.incarnation = header.incarnation
-            if header.kind == wire.ACK:
-                self._on_ack(header)
-            elif header.kind == wire.PARAMS:
-                self._on_params(header, arrays, wire.payload_bytes(frames))
-            elif header.kind == wire.ERROR:
-                self._on_error(header)
+            await dealer.readable()
+            ready = dealer.recv_ready(BATCH)
+            if ready:
+                self.last_heard = time.monotonic()
+            for frames in ready:
+                self._on_message(frames)
+            handled += len(ready)
+            if handled >= BATCH:  # replies keep coming: let the other tasks run too
+                handled = 0
+                await asyncio.sleep(0)
+
+    def _on_message(self, frames: list[Any]) -> None:
+        try:
+            header, arrays = wire.decode(frames)
+        except ProtocolError as exc:
+            log.warning("shard %d sent a malformed message: %s", self.shard_id, exc)
+            return
+        self.incarnation = header.incarnation
+        if header.kind == wire.ACK:
+            self._on_ack(header)
+        elif header.kind == wire.PARAMS:
+            self._on_params(header, arrays, wire.payload_bytes(frames))
+        elif header.kind == wire.ERROR:
+            self._on_error(header)
 
     def _on_ack(self, header: wire.Header) -> None:
         pending = self._pushes.get(header.seq)
@@ -290,7 +327,11 @@ class ShardClient:
         except ValueError:
             log.warning("shard %d acknowledged with status %r", self.shard_id, header.status)
             return
-        pending.settle(header.chunk, status, header.reason)
+        settled = False
+        for chunk in wire.acked_chunks(header):
+            settled = pending.settle(chunk, status, header.reason)
+        if settled:
+            self._finish_push(header.seq)
 
     def _on_params(self, header: wire.Header, arrays: list[np.ndarray], nbytes: int) -> None:
         pending = self._fetches.get(header.seq)
@@ -324,7 +365,8 @@ class ShardClient:
             return
         push = self._pushes.get(header.seq) if header.about == wire.PUSH else None
         if push is not None:
-            push.settle(header.chunk, AckStatus.REJECTED, header.reason)
+            if push.settle(header.chunk, AckStatus.REJECTED, header.reason):
+                self._finish_push(header.seq)
         else:
             log.warning("shard %d: %s", self.shard_id, header.reason)
 

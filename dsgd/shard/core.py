@@ -177,11 +177,14 @@ class ShardCore:
 
     # -- requests --------------------------------------------------------------------------
 
-    def handle(self, message: Sequence[Any]) -> list[list[Any]]:
+    def handle(
+        self, message: Sequence[Any], acks: list[wire.Header] | None = None
+    ) -> list[list[Any]]:
         """Handle one request (``[header, arrays...]``); return the reply messages.
 
         Checks run in :data:`CHECKS` order up to the kind; the push checks follow in
-        :meth:`apply`.
+        :meth:`apply`. With ``acks``, a push's ACK is appended there instead of returned,
+        for the caller to send later with others to the same peer (:func:`wire.merge_acks`).
         """
         self.counters["bytes_received"] += wire.payload_bytes(message)
         try:
@@ -199,8 +202,11 @@ class ShardCore:
             )
             return [self._refuse("layout", reason, header)]
         if header.kind == wire.PUSH:
-            outcome = self.apply(header, arrays)
-            return [[wire.pack_header(self._ack(header, outcome))]]
+            ack = self._ack(header, self.apply(header, arrays))
+            if acks is not None:
+                acks.append(ack)
+                return []
+            return [[wire.pack_header(ack)]]
         if header.kind == wire.FETCH:
             return self.plan_fetch(header)
         return [self._refuse("kind", f"a shard does not accept {header.kind!r} messages", header)]
@@ -377,7 +383,7 @@ class ShardCore:
         return replace(
             request,
             kind=wire.ACK,
-            count=0,
+            count=1,
             version=self.state.version,
             incarnation=self.incarnation,
             status=outcome.status.value,

@@ -1,8 +1,10 @@
 """The shard's transport: a ZeroMQ ROUTER and PUB around one :class:`ShardCore`.
 
 - the ROUTER (``data_address``) receives pushes and fetches; each request goes to
-  :meth:`ShardCore.handle` the moment it arrives (a push chunk is applied in place
-  without waiting for the rest of its push) and the replies go back to its sender;
+  :meth:`ShardCore.handle` the moment it is read (a push chunk is applied in place
+  without waiting for the rest of its push) and the replies go back to its sender.
+  Requests are read in batches of what is queued (:class:`~dsgd.sockets.LoopSocket`);
+  the ACKs of a batch go out at its end, merged per push (:func:`wire.merge_acks`);
 - the PUB (``pub_address``) broadcasts the shard's version, so workers skip fetches
   when nothing changed.
 
@@ -24,11 +26,13 @@ import zmq.asyncio
 from dsgd import wire
 from dsgd.errors import Closed, ConfigError
 from dsgd.shard.core import ShardCore
+from dsgd.sockets import LoopSocket, bind_twin
 
 log = logging.getLogger("dsgd.shard")
 
 BROADCAST_INTERVAL = 0.005  # seconds between version broadcasts while versions change
 IDLE_BROADCAST_INTERVAL = 0.5  # ... and while they do not (late subscribers learn it)
+BATCH = 64  # requests read before the batch's ACKs go out and other tasks get a turn
 
 
 class ShardServer:
@@ -54,19 +58,20 @@ class ShardServer:
         self._advertise = advertise_host or host
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
-        self._router: zmq.asyncio.Socket | None = None
+        self._router: LoopSocket | None = None
         self._pub: zmq.asyncio.Socket | None = None
         self._serving: asyncio.Task[None] | None = None
         self._closed = False
         self.data_address = ""
         self.pub_address = ""
+        self.local_addresses: tuple[str | None, str | None] = (None, None)
 
     async def start(self) -> None:
         """Bind both sockets, raising a one-line ConfigError if a port is taken."""
         wire.keep_frame_memory()
-        router = self._ctx.socket(zmq.ROUTER)
+        router: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
         pub = self._ctx.socket(zmq.PUB)
-        self._router, self._pub = router, pub
+        self._router, self._pub = LoopSocket(router), pub
         for sock in (router, pub):
             sock.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -77,6 +82,11 @@ class ShardServer:
         pub_port = _bind(pub, self._host, self._ports[1], "broadcast")
         self.data_address = f"tcp://{self._advertise}:{data_port}"
         self.pub_address = f"tcp://{self._advertise}:{pub_port}"
+        # peers on this host connect to these instead (see dsgd.sockets)
+        self.local_addresses = (
+            bind_twin(router, self.data_address),
+            bind_twin(pub, self.pub_address),
+        )
         log.info(
             "shard %d listening on %s (versions on %s)",
             self.core.shard_id,
@@ -92,22 +102,34 @@ class ShardServer:
             group.create_task(self._receive_loop(self._router), name="shard-receive")
             group.create_task(self._broadcast_loop(self._pub), name="shard-broadcast")
 
-    async def _receive_loop(self, router: zmq.asyncio.Socket) -> None:
+    async def _receive_loop(self, router: LoopSocket) -> None:
         core = self.core
+        handled = 0
         while True:
-            frames = await router.recv_multipart(copy=False)
-            if len(frames) < 2:
-                core.rejected["framing"] += 1
-                core.rate_log.warning("framing", "a message without an identity and a header")
-                continue
-            identity = frames[0]
-            for reply in core.handle(frames[1:]):
-                if not await self._send(router, identity, reply):
-                    break
+            await router.readable()
+            acks: dict[bytes, list[wire.Header]] = {}
+            ready = router.recv_ready(BATCH)
+            for frames in ready:
+                if len(frames) < 2:
+                    core.rejected["framing"] += 1
+                    core.rate_log.warning("framing", "a message without an identity and a header")
+                    continue
+                identity = frames[0].bytes
+                for reply in core.handle(frames[1:], acks.setdefault(identity, [])):
+                    if not await self._send(router, identity, reply):
+                        break
+            for identity, headers in acks.items():
+                for ack in wire.merge_acks(headers):
+                    if not await self._send(router, identity, [wire.pack_header(ack)]):
+                        break
+            handled += len(ready)
+            if handled >= BATCH:  # requests keep coming: let the broadcasts out too
+                handled = 0
+                await asyncio.sleep(0)
 
-    async def _send(self, router: zmq.asyncio.Socket, identity: Any, frames: list[Any]) -> bool:
+    async def _send(self, router: LoopSocket, identity: bytes, frames: list[Any]) -> bool:
         try:
-            await router.send_multipart([identity, *frames], copy=False)
+            await router.send([identity, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer went away
             self.core.counters["replies_lost"] += 1
             self.core.rate_log.warning("send", f"shard {self.core.shard_id}: lost peer: {exc}")
@@ -138,9 +160,10 @@ class ShardServer:
                 pass
             except Exception as exc:  # a crashed serve task: surfaced to the owner below
                 crashed = exc
-        for sock in (self._router, self._pub):
-            if sock is not None:
-                sock.close(linger=0)
+        if self._router is not None:
+            self._router.close()
+        if self._pub is not None:
+            self._pub.close(linger=0)
         if self._own_context:
             self._ctx.term()
         if crashed is not None:
@@ -168,7 +191,7 @@ class ShardServer:
             warnings.warn(f"ShardServer {self.core.shard_id} was never closed", ResourceWarning, 2)
 
 
-def _bind(sock: zmq.asyncio.Socket, host: str, port: int, what: str) -> int:
+def _bind(sock: zmq.Socket[Any], host: str, port: int, what: str) -> int:
     try:
         if port == 0:
             return int(sock.bind_to_random_port(f"tcp://{host}"))
