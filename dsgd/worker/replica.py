@@ -319,36 +319,40 @@ class Replica:
         """Refresh ``server_params`` from every shard whose version moved (and with
         ``adopt``, ``params`` from them); True if any did.
 
-        A shard that does not answer keeps its last parameters; the worker goes on.
+        Every shard is asked at once. A shard that does not answer keeps its last
+        parameters; the worker goes on.
         """
-        changed = False
-        for k, (client, shard) in enumerate(zip(self.clients, self.shards, strict=True)):
-            self.counters["bytes_fetched_dense_equivalent"] += 4 * (shard.stop - shard.start)
-            held = self.held_versions[k]
-            same_shard = client.incarnation == self.held_incarnations[k]
-            if held >= 0 and same_shard and not self._pushed_since_fetch[k]:
-                if client.broadcast_version == held:
-                    self.counters["fetches_skipped"] += 1
-                    continue
-            if held >= 0 and client.silent_for() > SHARD_SILENT:
-                self.counters["fetches_unavailable"] += 1
-                continue
-            dest = self.server_params[shard.start : shard.stop]
-            try:
-                version, nbytes = await client.fetch(dest, since=held if same_shard else -1)
-            except (PeerLost, ProtocolError, Closed) as exc:  # Closed: the shard moved
-                self.counters["fetches_failed"] += 1
-                log.warning("worker %d: fetch from shard %d failed: %s", self.worker_id, k, exc)
-                continue
-            self.held_versions[k] = version
-            self.held_incarnations[k] = client.incarnation
-            self._pushed_since_fetch[k] = False
-            self.counters["fetches"] += 1
-            self.counters["bytes_fetched"] += nbytes
-            changed = True
+        fetched = await asyncio.gather(*(self._fetch_shard(k) for k in range(len(self.clients))))
+        changed = any(fetched)
         if changed and adopt and self.params is not self.server_params:
             np.copyto(self.params, self.server_params)
         return changed
+
+    async def _fetch_shard(self, k: int) -> bool:
+        client, shard = self.clients[k], self.shards[k]
+        self.counters["bytes_fetched_dense_equivalent"] += 4 * (shard.stop - shard.start)
+        held = self.held_versions[k]
+        same_shard = client.incarnation == self.held_incarnations[k]
+        if held >= 0 and same_shard and not self._pushed_since_fetch[k]:
+            if client.broadcast_version == held:
+                self.counters["fetches_skipped"] += 1
+                return False
+        if held >= 0 and client.silent_for() > SHARD_SILENT:
+            self.counters["fetches_unavailable"] += 1
+            return False
+        dest = self.server_params[shard.start : shard.stop]
+        try:
+            version, nbytes = await client.fetch(dest, since=held if same_shard else -1)
+        except (PeerLost, ProtocolError, Closed) as exc:  # Closed: the shard moved
+            self.counters["fetches_failed"] += 1
+            log.warning("worker %d: fetch from shard %d failed: %s", self.worker_id, k, exc)
+            return False
+        self.held_versions[k] = version
+        self.held_incarnations[k] = client.incarnation
+        self._pushed_since_fetch[k] = False
+        self.counters["fetches"] += 1
+        self.counters["bytes_fetched"] += nbytes
+        return True
 
     # -- push --------------------------------------------------------------------------------
 
