@@ -2,6 +2,12 @@
 
     python -m bench.ps_cycle --params P --workers W --shards S [--seconds 15] [--warmup 3]
                              [--out FILE]
+    python -m bench.ps_cycle --matrix [--reps 3] [--quick] --out FILE   # + FILE's .png
+
+``--matrix`` runs every configuration of P = 1M, 10M x S = 1, 2 x W = 1, 2, 4 (``--quick``:
+1M, one shard, W = 1, 2, short windows), ``--reps`` times, the repetitions interleaved, and
+writes each run plus the medians and spread per configuration, and a chart. The transport
+suite's ``ps_cycle`` entry runs the same matrix.
 
 The server holds P float32 parameters (in S shards of contiguous ranges). Each of W worker
 processes loops: pull the whole vector (from every shard at once), push a dense float32
@@ -33,14 +39,18 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import numpy as np
 
-from bench._common import SPAWN, stop_process, write_json
+from bench._common import SPAWN, pyplot, stop_process, write_json
 from bench._shard_peer import FINGERPRINT, ShardPeer
+from dsgd import wire
 
+SUITE = "ps_cycle"
 LR = 2.0**-10  # with small integer gradients every sum below is exact in float32
 CHECKED = 4096  # leading parameters whose final values are checked exactly
 TIMEOUT = 60.0
@@ -86,12 +96,12 @@ async def _dsgd_cycles(
     began: float,
     warmup: float,
     seconds: float,
+    chunk_bytes: int,
 ) -> dict[str, Any]:
     import secrets
 
     import zmq.asyncio
 
-    from dsgd import wire
     from dsgd.shard.client import PushResult, ShardClient
 
     grad = gradient(worker, size)
@@ -129,9 +139,7 @@ async def _dsgd_cycles(
                     seq=seq,
                     incarnation=incarnation,
                 )
-                chunks = list(
-                    wire.dense_chunks(template, grad[start:stop], wire.DEFAULT_CHUNK_BYTES)
-                )
+                chunks = list(wire.dense_chunks(template, grad[start:stop], chunk_bytes))
                 done: asyncio.Future[PushResult] = loop.create_future()
                 if not await client.push(seq, chunks, done.set_result, TIMEOUT):
                     raise TimeoutError("no push permit freed in time")
@@ -264,14 +272,16 @@ def tcp_server(conn: multiprocessing.connection.Connection, size: int) -> None:
 # -- one configuration -------------------------------------------------------------------------
 
 
-def _run_workers(target: Any, count: int, size: int, shards: list[Any], args: Any) -> list[Any]:
+def _run_workers(
+    target: Any, count: int, size: int, shards: list[Any], args: Any, *extra: Any
+) -> list[Any]:
     began = time.time() + 2.0  # every worker starts its clock at the same moment
     pipes, procs = [], []
     for worker in range(count):
         mine, child = SPAWN.Pipe()
         proc = SPAWN.Process(
             target=target,
-            args=(child, worker, size, shards, began, args.warmup, args.seconds),
+            args=(child, worker, size, shards, began, args.warmup, args.seconds, *extra),
             daemon=True,
         )
         proc.start()
@@ -304,7 +314,7 @@ def _figures(results: list[dict[str, Any]], size: int, seconds: float) -> dict[s
 def run_dsgd(args: argparse.Namespace) -> dict[str, Any]:
     bounds = ranges(args.params, args.shards)
     peers = [
-        ShardPeer(stop - start, TIMEOUT, shard_id=k, lr=LR)
+        ShardPeer(stop - start, TIMEOUT, shard_id=k, lr=LR, chunk_bytes=args.chunk_bytes)
         for k, (start, stop) in enumerate(bounds)
     ]
     try:
@@ -313,7 +323,9 @@ def run_dsgd(args: argparse.Namespace) -> dict[str, Any]:
         shards = [
             (a, b, p.data_address, p.pub_address) for (a, b), p in zip(bounds, peers, strict=True)
         ]
-        results = _run_workers(dsgd_worker, args.workers, args.params, shards, args)
+        results = _run_workers(
+            dsgd_worker, args.workers, args.params, shards, args, args.chunk_bytes
+        )
         figures = _figures(results, args.params, args.seconds)
         applied = [int(peer.stats()["pushes"]) for peer in peers]
         head = _dsgd_head(shards[0], bounds[0])
@@ -404,6 +416,188 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- the matrix --------------------------------------------------------------------------------
+
+MATRIX = {"params": (1_000_000, 10_000_000), "shards": (1, 2), "workers": (1, 2, 4)}
+QUICK_MATRIX = {"params": (1_000_000,), "shards": (1,), "workers": (1, 2)}
+QUICK_WINDOW = (3.0, 1.0)  # seconds, warm-up
+
+
+def configurations(quick: bool, seconds: float, warmup: float) -> list[argparse.Namespace]:
+    grid = QUICK_MATRIX if quick else MATRIX
+    if quick:
+        seconds, warmup = QUICK_WINDOW
+    return [
+        argparse.Namespace(
+            params=p,
+            shards=s,
+            workers=w,
+            seconds=seconds,
+            warmup=warmup,
+            chunk_bytes=wire.DEFAULT_CHUNK_BYTES,
+        )
+        for p in grid["params"]
+        for s in grid["shards"]
+        for w in grid["workers"]
+    ]
+
+
+def run_matrix(
+    reps: int, quick: bool, seconds: float = 15.0, warmup: float = 3.0, log: Any = print
+) -> list[dict[str, Any]]:
+    """Every configuration ``reps`` times, one repetition of all before the next."""
+    runs = []
+    configs = configurations(quick, seconds, warmup)
+    for rep in range(reps):
+        for config in configs:
+            result = measure(config)
+            result["rep"] = rep
+            runs.append(result)
+            log(
+                f"  rep {rep + 1}/{reps} P={config.params} S={config.shards} "
+                f"W={config.workers}: dsgd {result['dsgd']['cycles_per_s']:.1f} cycles/s, "
+                f"plain TCP {result['tcp']['cycles_per_s']:.1f}, ratio {result['ratio']:.2f}"
+            )
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration: median, min and max cycles/s of each server, and of the ratio
+    (the ratio of each repetition, whose two servers ran back to back)."""
+    groups: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["params"], run["shards"], run["workers"]), []).append(run)
+    rows = []
+    for (params, shards, workers), same in groups.items():
+        row: dict[str, Any] = {"params": params, "shards": shards, "workers": workers}
+        row["reps"] = len(same)
+        for server in ("dsgd", "tcp"):
+            rates = [r[server]["cycles_per_s"] for r in same]
+            row[server] = {"median": median(rates), "min": min(rates), "max": max(rates)}
+        ratios = [r["ratio"] for r in same if r["ratio"] is not None]
+        row["ratio"] = {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
+        row["correct"] = all(
+            r[server]["head_exact"] and r[server]["pushes_match"]
+            for r in same
+            for server in ("dsgd", "tcp")
+        )
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Cycles/s vs workers for both servers, and dsgd's ratio, one line per (P, S)."""
+    if not rows:
+        return False
+    plt = pyplot()
+    fig, (ax_rate, ax_ratio) = plt.subplots(1, 2, figsize=(15, 5.5))
+    keys = sorted({(r["params"], r["shards"]) for r in rows})
+    for i, (params, shards) in enumerate(keys):
+        points = sorted(
+            (r for r in rows if (r["params"], r["shards"]) == (params, shards)),
+            key=lambda r: r["workers"],
+        )
+        x = [r["workers"] for r in points]
+        label = f"P={params / 1e6:g}M, {shards} shard{'s' if shards > 1 else ''}"
+        color = f"C{i}"
+        for server, style in (("dsgd", "-"), ("tcp", ":")):
+            med = [r[server]["median"] for r in points]
+            ax_rate.errorbar(
+                x,
+                med,
+                yerr=[
+                    [m - r[server]["min"] for m, r in zip(med, points, strict=True)],
+                    [r[server]["max"] - m for m, r in zip(med, points, strict=True)],
+                ],
+                color=color,
+                linestyle=style,
+                marker="o" if server == "dsgd" else "s",
+                capsize=3,
+                label=f"{'dsgd' if server == 'dsgd' else 'plain TCP'}, {label}",
+            )
+        med = [r["ratio"]["median"] for r in points]
+        ax_ratio.errorbar(
+            x,
+            med,
+            yerr=[
+                [m - r["ratio"]["min"] for m, r in zip(med, points, strict=True)],
+                [r["ratio"]["max"] - m for m, r in zip(med, points, strict=True)],
+            ],
+            color=color,
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    ax_rate.set_yscale("log")
+    ax_rate.set_xlabel("workers")
+    ax_rate.set_ylabel("cycles/s (median; bars min..max)")
+    ax_rate.set_title("Pull + push cycles per second (solid: dsgd, dotted: plain TCP)")
+    ax_rate.legend(fontsize=7)
+    ax_rate.grid(alpha=0.3, which="both")
+    ax_ratio.axhline(1.0, color="black", linestyle="--", label="plain-TCP parameter server")
+    ax_ratio.set_xlabel("workers")
+    ax_ratio.set_ylabel("dsgd cycles/s / plain TCP cycles/s")
+    ax_ratio.set_ylim(bottom=0)
+    ax_ratio.set_title("dsgd's ratio to the plain-TCP parameter server (same run)")
+    ax_ratio.legend(fontsize=8)
+    ax_ratio.grid(alpha=0.3)
+    for ax in (ax_rate, ax_ratio):
+        ax.set_xticks(sorted({r["workers"] for r in rows}))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def ps_cycle_suite(bench: Any) -> Iterator[dict[str, Any]]:
+    """The transport suite's ``ps_cycle`` entry: the matrix (``--quick``: the quick one,
+    once; else 3 repetitions), one record per server and configuration."""
+    from bench._measure import make_record
+
+    quick = bench.config.quick
+    rows = summarize(run_matrix(1 if quick else 3, quick))
+    for row in rows:
+        payload = 8 * row["params"]  # a cycle moves the vector twice: pull and push
+        for server in ("dsgd", "tcp"):
+            rates = row[server]
+            yield make_record(
+                SUITE,
+                server,
+                f"P={row['params']} S={row['shards']} W={row['workers']}",
+                payload,
+                wire.DEFAULT_CHUNK_BYTES,
+                [1.0 / rates[k] for k in ("median", "min", "max") if rates[k] > 0],
+                params=row["params"],
+                shards=row["shards"],
+                workers=row["workers"],
+                cycles_per_s=rates["median"],
+                ratio_to_plain_tcp=row["ratio"]["median"] if server == "dsgd" else 1.0,
+                correct=row["correct"],
+            )
+
+
+def plot_records(records: list[dict[str, Any]], path: Path) -> bool:
+    """:func:`plot` from the transport suite's records; False when there are none."""
+    rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for r in records:
+        if r["suite"] != SUITE:
+            continue
+        row = rows.setdefault((r["params"], r["shards"], r["workers"]), {})
+        row.update(params=r["params"], shards=r["shards"], workers=r["workers"])
+        row[r["transport"]] = {
+            "median": r["cycles_per_s"],
+            "min": r["gbps_min"] * 1e9 / r["payload_bytes"],
+            "max": r["gbps_max"] * 1e9 / r["payload_bytes"],
+        }
+        if r["transport"] == "dsgd":
+            ratio = r["ratio_to_plain_tcp"]
+            row["ratio"] = {"median": ratio, "min": ratio, "max": ratio}
+    return plot([r for r in rows.values() if {"dsgd", "tcp", "ratio"} <= r.keys()], path)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.ps_cycle", description=__doc__)
     parser.add_argument("--params", type=int, default=1_000_000)
@@ -411,7 +605,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=wire.DEFAULT_CHUNK_BYTES,
+        help="dsgd's message size for pushes and fetch replies",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON result here too")
+    parser.add_argument("--matrix", action="store_true", help="run the whole matrix instead")
+    parser.add_argument("--reps", type=int, default=3, help="with --matrix: repetitions")
+    parser.add_argument("--quick", action="store_true", help="with --matrix: the quick one")
     args = parser.parse_args(argv)
     if args.params < CHECKED * args.shards or args.workers < 1 or args.shards < 1:
         parser.error(f"need --params >= {CHECKED} per shard, --workers >= 1, --shards >= 1")
@@ -422,12 +625,44 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     args = parse_args(argv)
+    if args.matrix:
+        return matrix_main(args)
     result = measure(args)
     if args.out is not None:
         write_json(args.out, result)
     print(json.dumps(result))
     ok = all(result[s]["head_exact"] and result[s]["pushes_match"] for s in ("dsgd", "tcp"))
     return 0 if ok else 1
+
+
+def matrix_main(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from bench._measure import machine_info, package_versions
+
+    started = time.perf_counter()
+    runs = run_matrix(args.reps, args.quick, args.seconds, args.warmup)
+    rows = summarize(runs)
+    doc = {
+        "benchmark": "ps_cycle_matrix",
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "packages": package_versions(),
+        "reps": args.reps,
+        "elapsed_s": time.perf_counter() - started,
+        "summary": rows,
+        "runs": runs,
+    }
+    for row in rows:
+        print(
+            f"P={row['params']} S={row['shards']} W={row['workers']}: ratio "
+            f"{row['ratio']['median']:.2f} ({row['ratio']['min']:.2f}-{row['ratio']['max']:.2f}), "
+            f"dsgd {row['dsgd']['median']:.1f} cycles/s, plain TCP {row['tcp']['median']:.1f}"
+        )
+    if args.out is not None:
+        write_json(args.out, doc)
+        plot(rows, args.out.with_suffix(".png"))
+    return 0 if all(row["correct"] for row in rows) else 1
 
 
 if __name__ == "__main__":

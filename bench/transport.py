@@ -17,12 +17,15 @@ interleaved round by round:
   and fetch path, dense and sparse (1%, 10%), for 1M, 10M and 75M parameters;
 * ``ps``: parameter-server throughput (pushes/s, applied GB/s) with 1, 2, 4 and 8
   synthetic worker processes, one shard or two;
+* ``ps_cycle``: the pull-push cycle of 1, 2 and 4 workers against dsgd's shards and against
+  a plain-TCP parameter server, 1M and 10M parameters, one shard or two
+  (:mod:`bench.ps_cycle`; its records' ratio is to that server, not to raw TCP);
 * ``apply``: a shard's dense apply vs memcpy, and sparse apply per touched parameter.
 
 It writes ``transport.json``, ``transport.md``, ``transport_chunks.png``,
-``transport_dsgd.png`` and ``transport_ps.png`` into ``--out``, says which chunk size is
-fastest for dsgd's own framing, and whether dsgd's data path meets its targets. See
-bench/README.md.
+``transport_dsgd.png``, ``transport_ps.png`` and ``transport_ps_cycle.png`` into ``--out``,
+says which chunk size is fastest for dsgd's own framing, and whether dsgd's data path
+meets its targets. See bench/README.md.
 
     python -m bench.transport            # 64 MiB payload, a few minutes
     python -m bench.transport --quick    # 8 MiB, a smoke run under a minute
@@ -76,6 +79,8 @@ from bench._peers import (
 )
 from bench._ps import ps_suite
 from bench._report import MEMCPY_FRESH, MEMCPY_REUSED, TCP_FRESH_VARIANT, TCP_REUSED_VARIANT
+from bench.ps_cycle import plot_records as plot_cycles
+from bench.ps_cycle import ps_cycle_suite
 from dsgd import wire
 
 Suite = Callable[[Bench], Iterable[Record]]
@@ -109,6 +114,7 @@ FULL_CHUNKS = (64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
 QUICK_CHUNKS = (64 * KiB, 1 * MiB, 8 * MiB)
 REFERENCE_CHUNK = 1 * MiB  # the raw-TCP reference every ratio divides by
 DSGD_PNG = "transport_dsgd.png"
+CYCLE_PNG = "transport_ps_cycle.png"
 
 
 def nchunks(payload: int, chunk: int) -> int:
@@ -270,6 +276,7 @@ SUITES: dict[str, Suite] = {
     "framing": framing_suite,
     "dsgd": dsgd_suite,
     "ps": ps_suite,
+    "ps_cycle": ps_cycle_suite,
     "apply": apply_suite,
 }
 
@@ -371,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     outputs = _report.write_all(doc, args.out)
     if plot_paths(records, args.out / DSGD_PNG):
         outputs.append(args.out / DSGD_PNG)
+    if plot_cycles(records, args.out / CYCLE_PNG):
+        outputs.append(args.out / CYCLE_PNG)
     print()
     print(_report.headline(doc))
     print(f"finished in {doc['elapsed_s']:.1f} s; wrote {', '.join(str(p) for p in outputs)}")
