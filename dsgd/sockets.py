@@ -38,6 +38,10 @@ import zmq
 
 FULL_QUEUE_BACKOFF = 0.001  # seconds between send attempts while a peer's queue stays full
 LOCAL_IPC_ENV = "DSGD_LOCAL_IPC"
+# plain ints: pyzmq's flag enums make every `&` a Python-level call on the hot path
+_POLLIN, _POLLOUT, _NOBLOCK, _EVENTS = (
+    int(c) for c in (zmq.POLLIN, zmq.POLLOUT, zmq.NOBLOCK, zmq.EVENTS)
+)
 
 
 @functools.cache
@@ -106,18 +110,23 @@ class LoopSocket:
     def recv_ready(self, limit: int) -> list[list[zmq.Frame]]:
         """Up to ``limit`` multipart messages that are already queued (maybe none)."""
         ready: list[list[zmq.Frame]] = []
-        recv = self.sock.recv_multipart
+        recv = self.sock.recv
         while len(ready) < limit:
             try:
-                ready.append(recv(zmq.NOBLOCK, copy=False))
+                frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            message = [frame]
+            while frame.more:  # the rest of a multipart message is there already
+                frame = recv(_NOBLOCK, copy=False)
+                message.append(frame)
+            ready.append(message)
         self._poke()
         return ready
 
     async def readable(self) -> None:
         """Return once a message is queued for :meth:`recv_ready`."""
-        await self._wait(zmq.POLLIN)
+        await self._wait(_POLLIN)
 
     async def send(self, frames: list[Any]) -> None:
         """Queue one multipart message (zero-copy), waiting only while the peer's queue is
@@ -125,16 +134,16 @@ class LoopSocket:
         a ROUTER with ``ROUTER_MANDATORY``)."""
         while True:
             try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self.sock.send_multipart(frames, _NOBLOCK, copy=False)
                 self._poke()
                 return
             except zmq.Again:
                 # a ROUTER may report POLLOUT while this one peer is full: do not spin
-                await self._wait(zmq.POLLOUT)
+                await self._wait(_POLLOUT)
                 await asyncio.sleep(FULL_QUEUE_BACKOFF)
 
     async def _wait(self, event: int) -> None:
-        while not int(self.sock.getsockopt(zmq.EVENTS)) & event:
+        while not int(self.sock.getsockopt(_EVENTS)) & event:
             loop = self._loop or asyncio.get_running_loop()
             if self._loop is None:
                 self._loop = loop
@@ -150,9 +159,9 @@ class LoopSocket:
     def _poke(self) -> None:
         """After a call that may have reset the descriptor: end the waits now satisfied."""
         if self._waiters:
-            self._wake(int(self.sock.getsockopt(zmq.EVENTS)))
+            self._wake(int(self.sock.getsockopt(_EVENTS)))
 
-    def _wake(self, events: int = zmq.POLLIN | zmq.POLLOUT) -> None:
+    def _wake(self, events: int = _POLLIN | _POLLOUT) -> None:
         if not self._waiters:
             # nobody waits: stop watching (the descriptor stays readable until EVENTS is
             # read, and the loop would call this again and again); the next wait resumes
