@@ -37,7 +37,7 @@ import numpy as np
 
 from bench._measure import Bench, Case, MiB, Record, make_record
 from bench._peers import TCP_REUSED, TcpPeer
-from bench._shard_peer import Pusher, ShardPeer
+from bench._shard_peer import Pusher, ShardPeer, dsgd_transport
 from dsgd import wire
 from dsgd.codec import CodecConfig, Encoded, SparseEncoder
 
@@ -166,10 +166,10 @@ def _size_group(bench: Bench, size: int) -> Iterator[Record]:
             run: Callable[[], object],
             entries: Callable[[], int],
             prepare: Callable[[], object] | None = None,
-            transport: str = "zmq-tcp",
+            transport: str = "",
         ) -> None:
             label = f"{path}, {params_label(size)} params"
-            case = Case(transport, label, min(chunk, dense_bytes), run)
+            case = Case(transport or dsgd_transport(), label, min(chunk, dense_bytes), run)
             cases.append((path, density, direction, Timed(case, prepare), entries))
 
         dense = _RecordingEncoder(SparseEncoder(size, CodecConfig(density=1.0)))

@@ -35,7 +35,7 @@ import zmq.asyncio
 
 from bench._common import SPAWN, stop_process
 from bench._measure import Bench, MiB, Record, make_record
-from bench._shard_peer import FINGERPRINT, ShardPeer
+from bench._shard_peer import FINGERPRINT, ShardPeer, dsgd_transport
 from dsgd import wire
 from dsgd.codec import Encoded
 from dsgd.shard.client import PushResult, ShardClient
@@ -345,7 +345,7 @@ def _record(
     # one "repeat" per window: the time the shards took to apply one push's worth of bytes
     seconds = [push_bytes / (g * 1e9) for g in gbps]
     record = make_record(
-        SUITE, "zmq-tcp", setup.variant, push_bytes, min(chunk, push_bytes), seconds, **extra
+        SUITE, dsgd_transport(), setup.variant, push_bytes, min(chunk, push_bytes), seconds, **extra
     )
     if reference is not None:
         record["ratio_to_tcp"] = record["gbps_median"] / reference

@@ -35,12 +35,19 @@ from dsgd.optim import SGD
 from dsgd.shard.client import PushResult, ShardClient
 from dsgd.shard.core import ShardCore, ShardState
 from dsgd.shard.server import ShardServer
+from dsgd.sockets import local_twin
 
 FINGERPRINT = 0x0D56_D0BE_0C4E  # both ends of the benchmark use it
 STATS = "stats"
 STOP = "stop"
 # What a stats request returns, besides the shard's monotonic clock and version.
 COUNTERS = ("pushes", "updates_applied", "values_applied", "bytes_received", "duplicates")
+
+
+def dsgd_transport() -> str:
+    """How dsgd's clients reach a shard on this host, as the records name it: ``zmq-ipc``
+    through the shard's local twin (:mod:`dsgd.sockets`), ``zmq-tcp`` where twins are off."""
+    return "zmq-ipc" if local_twin("tcp://127.0.0.1:1") is not None else "zmq-tcp"
 
 
 def shard_process(
