@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dsgd import metrics
 from dsgd.errors import Closed, ConfigError, ModelError, PeerLost
 from dsgd.layout import Layout
 from dsgd.proto import control_pb2 as pb
@@ -299,6 +300,7 @@ class CoordinatorLink:
 
     async def heartbeat_once(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply | None:
         """One heartbeat; None when the coordinator is unreachable (training goes on)."""
+        metrics.observe(request)
         try:
             # short while the coordinator is away: a leaving member must not wait on it
             timeout = HEARTBEAT_TIMEOUT if self.reachable else 0.5

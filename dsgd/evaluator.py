@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    return run_process("evaluator", evaluator_main)
+    return run_process("evaluator", evaluator_main, (args.metrics_host, args.metrics_port))
 
 
 if __name__ == "__main__":

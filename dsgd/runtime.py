@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dsgd import metrics
 from dsgd.errors import (
     CheckpointError,
     Closed,
@@ -60,6 +61,15 @@ def add_member_arguments(parser: argparse.ArgumentParser, ready: str) -> None:
         "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
     )
     parser.add_argument("--log-level", default="INFO")
+    add_metrics_arguments(parser)
+
+
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` / ``--metrics-host``: serve Prometheus metrics (every process)."""
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)"
+    )
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics listen on")
 
 
 def setup_logging(role: str, level: str = "INFO") -> None:
@@ -88,8 +98,15 @@ STOP_GRACE = 1.2  # seconds after SIGINT/SIGTERM before the main task is cancell
 STOP_DEADLINE = 1.9  # ... and before the process exits regardless (a thread may be busy)
 
 
-def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+def run_process(
+    role: str,
+    main: Callable[[asyncio.Event], Awaitable[int]],
+    metrics_at: tuple[str, int | None] = ("", None),
+) -> int:
     """Run ``main(stop)`` on a fresh event loop; SIGINT/SIGTERM set ``stop``.
+
+    With a port in ``metrics_at`` (host, port) the process serves its Prometheus metrics
+    (:mod:`dsgd.metrics`) while it runs.
 
     A process asked to stop ends within 2 s whatever it is doing: ``main`` gets
     ``STOP_GRACE`` seconds to leave cleanly, is then cancelled (its cleanup still runs),
@@ -121,12 +138,19 @@ def run_process(role: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> i
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+        host, port = metrics_at
+        exporter = None
+        if port is not None:
+            exporter = metrics.serve(host, port, member=role != "coordinator")
         try:
             return await main(stop)
         except Exception as exc:
             if stop.is_set() and isinstance(root_cause(exc), Closed):
                 return 0  # the run ended (or a signal came) while a call was waiting
             raise
+        finally:
+            if exporter is not None:
+                exporter.shutdown()
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

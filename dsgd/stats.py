@@ -26,17 +26,20 @@ class StalenessHistogram:
     def __init__(self) -> None:
         self.counts = np.zeros(len(STALENESS_EDGES), np.int64)
         self.total = 0
+        self.sum = 0
         self.maximum = 0
 
     def add(self, staleness: int) -> None:
         bucket = int(np.searchsorted(STALENESS_EDGES, staleness, side="right")) - 1
         self.counts[max(bucket, 0)] += 1
         self.total += 1
+        self.sum += staleness
         self.maximum = max(self.maximum, staleness)
 
     def merge(self, other: StalenessHistogram) -> None:
         self.counts += other.counts
         self.total += other.total
+        self.sum += other.sum
         self.maximum = max(self.maximum, other.maximum)
 
     def percentile(self, q: float) -> float:

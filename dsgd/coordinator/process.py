@@ -20,6 +20,7 @@ import numpy as np
 import zmq.asyncio
 from google.protobuf import json_format
 
+from dsgd import metrics
 from dsgd.checkpoint import ClusterCheckpoint, read_cluster_checkpoint
 from dsgd.config import TrainConfig, add_config_arguments, config_from_arguments
 from dsgd.control import shard_infos, start_grpc_server
@@ -27,7 +28,13 @@ from dsgd.coordinator.core import Coordinator
 from dsgd.coordinator.service import CoordinatorService
 from dsgd.errors import CheckpointError, DsgdError
 from dsgd.proto import control_pb2_grpc as pb_grpc
-from dsgd.runtime import owned, run_process, setup_logging, write_ready_file
+from dsgd.runtime import (
+    add_metrics_arguments,
+    owned,
+    run_process,
+    setup_logging,
+    write_ready_file,
+)
 from dsgd.shard.client import ParameterReader
 from dsgd.types import FlatParams
 
@@ -55,6 +62,7 @@ async def run_coordinator(
     """
     saved = None if restore is None else await _read_restore(restore, config)
     coordinator = Coordinator(config, saved)
+    metrics.add(metrics.ClusterCollector(asyncio.get_running_loop(), coordinator.status))
     server, bound = await start_grpc_server(
         host,
         port,
@@ -180,6 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-file", type=Path, help="TrainConfig JSON (overrides the flags)")
     parser.add_argument("--restore", type=Path, help="start from this cluster checkpoint")
     parser.add_argument("--log-level", default="INFO")
+    add_metrics_arguments(parser)
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -208,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
             args.status_file.write_text(text)
         return 0
 
-    return run_process("coordinator", coordinator_main)
+    return run_process("coordinator", coordinator_main, (args.metrics_host, args.metrics_port))

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 import zmq.asyncio
 
-from dsgd import checkpoint
+from dsgd import checkpoint, metrics
 from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, start_grpc_server, stats_message
 from dsgd.errors import CheckpointError, ProtocolError
@@ -37,7 +37,7 @@ from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
 from dsgd.shard.core import ShardCore, ShardState
 from dsgd.shard.server import ShardServer
-from dsgd.stats import paced_interval
+from dsgd.stats import StalenessHistogram, paced_interval
 from dsgd.types import ShardRange
 from dsgd.wire import PROTOCOL_VERSION
 
@@ -98,6 +98,9 @@ class ShardProcess:
         crashes, the others stop and the process ends naming it, after the same final
         checkpoint, leaving heartbeat and gRPC stop as a clean exit.
         """
+        metrics.add(
+            metrics.ShardCollector(asyncio.get_running_loop(), self.shard_id, self._staleness)
+        )
         self.link.stop = stop
         try:
             await self.server.start()
@@ -165,6 +168,13 @@ class ShardProcess:
                 self.restored.path,
             )
             self.saved_version = self.restored.version
+
+    def _staleness(self) -> tuple[StalenessHistogram, dict[str, int]]:
+        """The merged staleness histogram and the rejections, for the metrics."""
+        merged = StalenessHistogram()
+        for histogram in self.core.worker_staleness().values():
+            merged.merge(histogram)
+        return merged, dict(self.core.rejected)
 
     async def register(self, stop: asyncio.Event) -> bool:
         """Register (again); install restored, streamed or kept state. False if stopped."""
@@ -413,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         await process.run(stop, args.ready_file)
         return 0
 
-    return run_process(f"shard {args.shard_id}", shard_main)
+    return run_process(f"shard {args.shard_id}", shard_main, (args.metrics_host, args.metrics_port))
 
 
 async def run_shard(coordinator: str, shard_id: int, stop: asyncio.Event, **options: Any) -> None:

@@ -241,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    return run_process("worker", worker_main)
+    return run_process("worker", worker_main, (args.metrics_host, args.metrics_port))
