@@ -1,0 +1,116 @@
+"""dsgd across hosts: every role in its own network namespace, started as the README says,
+trains digits to its target; with a worker's and a shard's link cut for a while, too."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cluster_status
+from tests.hosts import Hosts, unavailable
+
+WHY_NOT = unavailable()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+
+PORT = "7070"
+ROLES = ["coord", "shard0", "shard1", "worker0", "worker1"]
+TRAINING = ["--workers", "2", "--shards", "2", "--target-accuracy", "0.95"]
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    with Hosts(ROLES, tmp_path) as made:
+        yield made
+
+
+def start_cluster(hosts: Hosts, tmp: Path, max_seconds: int) -> tuple[Any, str]:
+    """The README's multi-machine recipe, one role per host; the coordinator's process and
+    address."""
+    coordinator = f"{hosts.address['coord']}:{PORT}"
+    status_file = tmp / "status.json"
+    coord = hosts.start(
+        "coord",
+        "coordinator",
+        "dsgd.coordinator",
+        *("--host", "0.0.0.0", "--port", PORT, *TRAINING),
+        *("--max-seconds", str(max_seconds), "--status-file", str(status_file)),
+    )
+    hosts.start("coord", "evaluator", "dsgd.evaluator", "--coordinator", coordinator)
+    for k in range(2):
+        host = f"shard{k}"
+        hosts.start(
+            host,
+            host,
+            "dsgd.shard",
+            *("--coordinator", coordinator, "--shard-id", str(k)),
+            *("--host", "0.0.0.0", "--advertise-host", hosts.address[host]),
+        )
+    for k in range(2):
+        hosts.start(f"worker{k}", f"worker{k}", "dsgd.worker", "--coordinator", coordinator)
+    return coord, coordinator
+
+
+def finish(hosts: Hosts, coord: Any, tmp: Path, timeout: float) -> dict[str, Any]:
+    """Wait for the coordinator to end the run; its final status."""
+    try:
+        code = coord.wait(timeout=timeout)
+    except Exception:
+        log = hosts.log("coordinator")[-3000:]
+        raise AssertionError(f"the run did not end in {timeout:.0f} s:\n{log}") from None
+    assert code == 0, f"coordinator exited {code}:\n{hosts.log('coordinator')[-3000:]}"
+    return dict(json.loads((tmp / "status.json").read_text()))
+
+
+def members(status: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    return [m for m in status.get("members", []) if m["role"] == role]
+
+
+def assert_nothing_applied_twice(status: dict[str, Any]) -> None:
+    """Every chunk a worker sent is applied at most once: the shards applied no more values
+    than the workers pushed (a lost chunk goes back to its worker's residual and leaves in
+    a later push, never as a resend of the same one), and saw no duplicate."""
+    shards = [m.get("stats", {}).get("counters", {}) for m in members(status, "ROLE_SHARD")]
+    workers = [m.get("stats", {}).get("counters", {}) for m in members(status, "ROLE_WORKER")]
+    applied = sum(float(s.get("values_applied", 0)) for s in shards)
+    pushed = sum(float(w.get("values_pushed", 0)) for w in workers)
+    assert 0 < applied <= pushed, (applied, pushed)
+    assert sum(float(s.get("duplicates", 0)) for s in shards) == 0
+
+
+def test_each_role_on_its_own_host_trains_digits_to_its_target(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    coord, _ = start_cluster(hosts, tmp_path, max_seconds=150)
+    status = finish(hosts, coord, tmp_path, timeout=200)
+    assert status["reached_target"], status.get("done_reason")
+    assert_nothing_applied_twice(status)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["worker1", "shard1"])
+def test_a_host_cut_off_for_5_s_and_healed_does_not_stop_the_run(
+    hosts: Hosts, tmp_path: Path, victim: str
+) -> None:
+    coord, address = start_cluster(hosts, tmp_path, max_seconds=200)
+
+    def training() -> bool:
+        shards = members(cluster_status(address), "ROLE_SHARD")
+        versions = [int(m.get("stats", {}).get("version", 0)) for m in shards]
+        return len(versions) == 2 and min(versions) >= 20
+
+    hosts.wait_for("both shards to apply 20 pushes", training, timeout=120)
+    hosts.cut(victim)
+    healed = threading.Timer(5.0, hosts.heal, args=(victim,))
+    healed.start()
+    try:
+        status = finish(hosts, coord, tmp_path, timeout=260)
+    finally:
+        healed.cancel()
+        healed.join()
+    assert status["reached_target"], status.get("done_reason")
+    assert_nothing_applied_twice(status)
