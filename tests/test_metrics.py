@@ -8,7 +8,9 @@ import time
 import urllib.request
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsgd import metrics
 from dsgd.errors import ConfigError
@@ -85,8 +87,17 @@ def _scrape(port: int, timeout: float = 60) -> str:
             time.sleep(0.2)
 
 
-def test_a_cluster_serves_its_metrics_over_http(processes: ProcessGroup) -> None:
-    ports = {role: _free_port() for role in ("coordinator", "shard", "worker")}
+def _health(port: int) -> int:
+    """The grpc.health.v1 status a process serves on ``port``."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+
+
+def test_a_cluster_serves_its_metrics_over_http_and_workers_their_health(
+    processes: ProcessGroup,
+) -> None:
+    ports = {role: _free_port() for role in ("coordinator", "shard", "worker", "health")}
     flags = ["--model", "dsgd.examples.digits:digits_mlp", "--target-accuracy", "1.0"]
     flags += ["--no-evaluator", "--workers", "1", "--shards", "1", "--max-seconds", "120"]
     _, address = processes.start_coordinator(*flags, "--metrics-port", str(ports["coordinator"]))
@@ -99,9 +110,10 @@ def test_a_cluster_serves_its_metrics_over_http(processes: ProcessGroup) -> None
     worker = processes.start(
         "worker",
         *("dsgd.worker", "--coordinator", address, "--ready-file", str(ready)),
-        *("--metrics-port", str(ports["worker"])),
+        *("--metrics-port", str(ports["worker"]), "--health-port", str(ports["health"])),
     )
     processes.wait_file(ready, worker)
+    assert _health(ports["health"]) == health_pb2.HealthCheckResponse.SERVING
     deadline = time.monotonic() + 60
     while "dsgd_pushes_total" not in (shard := _scrape(ports["shard"])):
         assert time.monotonic() < deadline, shard

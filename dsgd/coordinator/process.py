@@ -29,7 +29,7 @@ from dsgd.coordinator.service import CoordinatorService
 from dsgd.errors import CheckpointError, DsgdError
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.runtime import (
-    add_metrics_arguments,
+    add_operator_arguments,
     owned,
     run_process,
     setup_logging,
@@ -188,7 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-file", type=Path, help="TrainConfig JSON (overrides the flags)")
     parser.add_argument("--restore", type=Path, help="start from this cluster checkpoint")
     parser.add_argument("--log-level", default="INFO")
-    add_metrics_arguments(parser)
+    add_operator_arguments(parser)
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -217,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
             args.status_file.write_text(text)
         return 0
 
-    return run_process("coordinator", coordinator_main, (args.metrics_host, args.metrics_port))
+    return run_process("coordinator", coordinator_main, args)

@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         await process.run(stop, args.ready_file)
         return 0
 
-    return run_process(f"shard {args.shard_id}", shard_main, (args.metrics_host, args.metrics_port))
+    return run_process(f"shard {args.shard_id}", shard_main, args)
 
 
 async def run_shard(coordinator: str, shard_id: int, stop: asyncio.Event, **options: Any) -> None:

@@ -218,7 +218,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dsgd.worker", description="Join a dsgd cluster as one model replica."
     )
-    add_member_arguments(parser, "write the worker id here once its first push is applied")
+    add_member_arguments(
+        parser, "write the worker id here once its first push is applied", health=True
+    )
     parser.add_argument(
         "--model", help="package.module:factory (default: the model the coordinator runs)"
     )
@@ -241,4 +243,4 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    return run_process("worker", worker_main, (args.metrics_host, args.metrics_port))
+    return run_process("worker", worker_main, args)
