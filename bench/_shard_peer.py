@@ -29,6 +29,7 @@ import numpy as np
 import zmq.asyncio
 
 from bench._common import SPAWN, stop_process
+from bench._netns import LOOPBACK, run_in
 from dsgd import wire
 from dsgd.codec import Encoded
 from dsgd.optim import SGD
@@ -51,23 +52,34 @@ def dsgd_transport() -> str:
 
 
 def shard_process(
-    conn: mp.connection.Connection, shard_id: int, size: int, lr: float, chunk_bytes: int
+    conn: mp.connection.Connection,
+    shard_id: int,
+    size: int,
+    lr: float,
+    chunk_bytes: int,
+    host: str = LOOPBACK,
 ) -> None:
-    """A real ShardServer serving ``size`` float32 parameters until told to stop."""
+    """A real ShardServer serving ``size`` float32 parameters on ``host`` until told to
+    stop."""
     try:
-        asyncio.run(_serve_shard(conn, shard_id, size, lr, chunk_bytes))
+        asyncio.run(_serve_shard(conn, shard_id, size, lr, chunk_bytes, host))
     finally:
         conn.close()
 
 
 async def _serve_shard(
-    conn: mp.connection.Connection, shard_id: int, size: int, lr: float, chunk_bytes: int
+    conn: mp.connection.Connection,
+    shard_id: int,
+    size: int,
+    lr: float,
+    chunk_bytes: int,
+    host: str,
 ) -> None:
     optimizer = SGD(lr)
     params = np.full(size, 0.0, np.float32)  # np.full writes every page: faulted in now
     state = ShardState(params, optimizer.init(size))
     core = ShardCore(shard_id, FINGERPRINT, optimizer, state, chunk_bytes=chunk_bytes)
-    async with ShardServer(core) as server:
+    async with ShardServer(core, host=host) as server:
         conn.send((server.data_address, server.pub_address))
         # A thread answers stats requests: a saturated shard loop never yields to other
         # tasks (a zmq.asyncio recv that finds a message queued completes without
@@ -93,7 +105,8 @@ def _answer_requests(conn: mp.connection.Connection, core: ShardCore) -> None:
 class ShardPeer:
     """A :func:`shard_process` of ``size`` parameters; :meth:`wait_ready` for its addresses.
 
-    Start several, then wait for them, so they boot in parallel.
+    Start several, then wait for them, so they boot in parallel. ``at`` (network
+    namespace, address) puts it on another host (:mod:`bench._netns`).
     """
 
     def __init__(
@@ -104,6 +117,7 @@ class ShardPeer:
         shard_id: int = 0,
         lr: float = 1e-6,
         chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
+        at: tuple[str | None, str] = (None, LOOPBACK),
     ) -> None:
         self.size = size
         self.shard_id = shard_id
@@ -111,8 +125,11 @@ class ShardPeer:
         self.data_address = self.pub_address = ""
         self._lock = threading.Lock()
         self._conn, child = SPAWN.Pipe()
+        netns, host = at
         self.process: Any = SPAWN.Process(
-            target=shard_process, args=(child, shard_id, size, lr, chunk_bytes), daemon=True
+            target=run_in,
+            args=(netns, shard_process, child, shard_id, size, lr, chunk_bytes, host),
+            daemon=True,
         )
         try:
             self.process.start()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing.connection
 import socket
 import sys
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from bench._common import SPAWN, pyplot, stop_process, write_json
+from bench._netns import ONE_HOST, Placement, across, host_names, run_in
 from bench._shard_peer import FINGERPRINT, ShardPeer
 from dsgd import wire
 
@@ -218,11 +220,11 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
 # -- the plain-TCP reference server ------------------------------------------------------------
 
 
-def tcp_server(conn: multiprocessing.connection.Connection, size: int) -> None:
+def tcp_server(conn: multiprocessing.connection.Connection, size: int, host: str) -> None:
     """One shard of the reference: a thread per connection, preallocated buffers."""
     params = np.zeros(size, np.float32)
     lock = threading.Lock()
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = socket.create_server((host, 0))
     listener.settimeout(0.2)
     stop = threading.Event()
     threads: list[threading.Thread] = []
@@ -279,10 +281,9 @@ def _run_workers(
     pipes, procs = [], []
     for worker in range(count):
         mine, child = SPAWN.Pipe()
+        job = (child, worker, size, shards, began, args.warmup, args.seconds, *extra)
         proc = SPAWN.Process(
-            target=target,
-            args=(child, worker, size, shards, began, args.warmup, args.seconds, *extra),
-            daemon=True,
+            target=run_in, args=(args.placement.worker(worker), target, *job), daemon=True
         )
         proc.start()
         child.close()
@@ -314,7 +315,14 @@ def _figures(results: list[dict[str, Any]], size: int, seconds: float) -> dict[s
 def run_dsgd(args: argparse.Namespace) -> dict[str, Any]:
     bounds = ranges(args.params, args.shards)
     peers = [
-        ShardPeer(stop - start, TIMEOUT, shard_id=k, lr=LR, chunk_bytes=args.chunk_bytes)
+        ShardPeer(
+            stop - start,
+            TIMEOUT,
+            shard_id=k,
+            lr=LR,
+            chunk_bytes=args.chunk_bytes,
+            at=args.placement.server(k),
+        )
         for k, (start, stop) in enumerate(bounds)
     ]
     try:
@@ -365,9 +373,12 @@ def _dsgd_head(shard: tuple[int, int, str, str], bounds: tuple[int, int]) -> np.
 def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
     bounds = ranges(args.params, args.shards)
     pipes, procs = [], []
-    for start, stop in bounds:
+    hosts = [args.placement.server(k) for k in range(len(bounds))]
+    for (start, stop), (netns, host) in zip(bounds, hosts, strict=True):
         mine, child = SPAWN.Pipe()
-        proc = SPAWN.Process(target=tcp_server, args=(child, stop - start), daemon=True)
+        proc = SPAWN.Process(
+            target=run_in, args=(netns, tcp_server, child, stop - start, host), daemon=True
+        )
         proc.start()
         child.close()
         pipes.append(mine)
@@ -378,7 +389,9 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
             if not pipe.poll(TIMEOUT):
                 raise TimeoutError("a plain-TCP server did not report its port")
             ports.append(pipe.recv())
-        shards = [(a, b, "127.0.0.1", port) for (a, b), port in zip(bounds, ports, strict=True)]
+        shards = [
+            (a, b, host, port) for (a, b), (_, host), port in zip(bounds, hosts, ports, strict=True)
+        ]
         results = _run_workers(tcp_worker, args.workers, args.params, shards, args)
         reports = []
         for pipe in pipes:
@@ -405,6 +418,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     dsgd = run_dsgd(args)
     return {
         "benchmark": "ps_cycle",
+        "hosts": args.placement.label,
         "params": args.params,
         "workers": args.workers,
         "shards": args.shards,
@@ -423,7 +437,9 @@ QUICK_MATRIX = {"params": (1_000_000,), "shards": (1,), "workers": (1, 2)}
 QUICK_WINDOW = (3.0, 1.0)  # seconds, warm-up
 
 
-def configurations(quick: bool, seconds: float, warmup: float) -> list[argparse.Namespace]:
+def configurations(
+    quick: bool, seconds: float, warmup: float, placement: Placement = ONE_HOST
+) -> list[argparse.Namespace]:
     grid = QUICK_MATRIX if quick else MATRIX
     if quick:
         seconds, warmup = QUICK_WINDOW
@@ -435,6 +451,7 @@ def configurations(quick: bool, seconds: float, warmup: float) -> list[argparse.
             seconds=seconds,
             warmup=warmup,
             chunk_bytes=wire.DEFAULT_CHUNK_BYTES,
+            placement=placement,
         )
         for p in grid["params"]
         for s in grid["shards"]
@@ -443,11 +460,16 @@ def configurations(quick: bool, seconds: float, warmup: float) -> list[argparse.
 
 
 def run_matrix(
-    reps: int, quick: bool, seconds: float = 15.0, warmup: float = 3.0, log: Any = print
+    reps: int,
+    quick: bool,
+    seconds: float = 15.0,
+    warmup: float = 3.0,
+    log: Any = print,
+    placement: Placement = ONE_HOST,
 ) -> list[dict[str, Any]]:
     """Every configuration ``reps`` times, one repetition of all before the next."""
     runs = []
-    configs = configurations(quick, seconds, warmup)
+    configs = configurations(quick, seconds, warmup, placement)
     for rep in range(reps):
         for config in configs:
             result = measure(config)
@@ -615,7 +637,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matrix", action="store_true", help="run the whole matrix instead")
     parser.add_argument("--reps", type=int, default=3, help="with --matrix: repetitions")
     parser.add_argument("--quick", action="store_true", help="with --matrix: the quick one")
+    parser.add_argument(
+        "--hosts",
+        action="store_true",
+        help="each server and worker in a network namespace of its own (root): across hosts",
+    )
+    parser.add_argument(
+        "--shape",
+        metavar="RATE[,DELAY]",
+        help="with --hosts: every link's rate (and delay, where the kernel has netem): 1gbit",
+    )
     args = parser.parse_args(argv)
+    args.placement = ONE_HOST
     if args.params < CHECKED * args.shards or args.workers < 1 or args.shards < 1:
         parser.error(f"need --params >= {CHECKED} per shard, --workers >= 1, --shards >= 1")
     return args
@@ -625,14 +658,42 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     args = parse_args(argv)
-    if args.matrix:
-        return matrix_main(args)
-    result = measure(args)
+    with contextlib.ExitStack() as stack:
+        if args.hosts:
+            args.placement = _across_hosts(stack, args)
+        if args.matrix:
+            return matrix_main(args)
+        result = measure(args)
     if args.out is not None:
         write_json(args.out, result)
     print(json.dumps(result))
     ok = all(result[s]["head_exact"] and result[s]["pushes_match"] for s in ("dsgd", "tcp"))
     return 0 if ok else 1
+
+
+def _across_hosts(stack: contextlib.ExitStack, args: argparse.Namespace) -> Placement:
+    """Hosts for every server and worker the run needs (removed when ``stack`` closes),
+    their links shaped as ``--shape`` says."""
+    import tempfile
+
+    from tests.hosts import Hosts, unavailable
+
+    why_not = unavailable()
+    if why_not is not None:
+        raise SystemExit(f"--hosts: {why_not}")
+    servers, workers = args.shards, args.workers
+    if args.matrix:
+        grid = QUICK_MATRIX if args.quick else MATRIX
+        servers, workers = max(grid["shards"]), max(grid["workers"])
+    logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    hosts = stack.enter_context(Hosts(host_names(servers, workers), logs))
+    label = "a host each, bridged"
+    if args.shape:
+        rate, _, delay = args.shape.partition(",")
+        for name in hosts.names:
+            hosts.shape(name, rate, delay)
+        label += f", every link {rate}" + (f" with {delay} delay" if delay else "")
+    return across(hosts, servers, workers, label)
 
 
 def matrix_main(args: argparse.Namespace) -> int:
@@ -641,7 +702,7 @@ def matrix_main(args: argparse.Namespace) -> int:
     from bench._measure import machine_info, package_versions
 
     started = time.perf_counter()
-    runs = run_matrix(args.reps, args.quick, args.seconds, args.warmup)
+    runs = run_matrix(args.reps, args.quick, args.seconds, args.warmup, placement=args.placement)
     rows = summarize(runs)
     doc = {
         "benchmark": "ps_cycle_matrix",
@@ -649,6 +710,7 @@ def matrix_main(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "packages": package_versions(),
         "reps": args.reps,
+        "hosts": args.placement.label,
         "elapsed_s": time.perf_counter() - started,
         "summary": rows,
         "runs": runs,

@@ -44,6 +44,15 @@ def unavailable() -> str | None:
     return None
 
 
+def _tc_rate_bits(rate: str) -> int:
+    """``tc``'s rate units ("100mbit", "1gbit", "10gbit", "800kbit") in bits per second."""
+    units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12, "bit": 1}
+    for unit, scale in units.items():
+        if rate.endswith(unit) and rate[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(rate[: -len(unit)]) * scale)
+    raise ValueError(f"rate {rate!r} is not like 1gbit or 100mbit")
+
+
 class Hosts:
     """``with Hosts(["coord", "shard0", ...], tmp) as hosts``: one namespace per name."""
 
@@ -132,19 +141,28 @@ class Hosts:
     def heal(self, host: str) -> None:
         _ip("link", "set", self.veth[host], "up")
 
-    def shape(self, host: str, rate: str, delay: str) -> None:
-        """Limit ``host``'s link both ways with netem, e.g. ``shape(h, "1gbit", "0.2ms")``."""
-        for args in (
-            ["tc", "qdisc", "replace", "dev", self.veth[host], "root", "netem"],
-            ["ip", "netns", "exec", self.netns[host], "tc", "qdisc", "replace", "dev"]
-            + [self.veth[host] + "p", "root", "netem"],
+    def shape(self, host: str, rate: str, delay: str = "") -> None:
+        """Limit ``host``'s link both ways to ``rate`` (``tc`` units: "1gbit", "10gbit"),
+        with a token bucket; with a ``delay`` ("0.2ms") through netem instead, which needs
+        the kernel's sch_netem (a one-line error where it is missing)."""
+        bits = _tc_rate_bits(rate)
+        burst = max(128 * 1024, bits // 8 // 1000)  # 1 ms of the rate, at least 2 GSO packets
+        if delay:
+            qdisc = ["netem", "rate", rate, "delay", delay]
+        else:
+            qdisc = ["tbf", "rate", rate, "burst", str(burst), "latency", "50ms"]
+        for prefix, dev in (
+            ([], self.veth[host]),
+            (["ip", "netns", "exec", self.netns[host]], self.veth[host] + "p"),
         ):
-            subprocess.run(
-                [*args, "rate", rate, "delay", delay],
-                check=True,
+            done = subprocess.run(
+                [*prefix, "tc", "qdisc", "replace", "dev", dev, "root", *qdisc],
                 capture_output=True,
+                text=True,
                 timeout=30,
             )
+            if done.returncode != 0:
+                raise RuntimeError(f"tc cannot shape {host}'s link: {done.stderr.strip()}")
 
     def wait_for(self, what: str, predicate: Any, timeout: float) -> Any:
         """Poll ``predicate()`` until it returns something true; fail with ``what``."""

@@ -4,6 +4,8 @@ trains digits to its target; with a worker's and a shard's link cut for a while,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import cluster_status
-from tests.hosts import Hosts, unavailable
+from tests.hosts import ROOT, Hosts, unavailable
 
 WHY_NOT = unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
@@ -114,3 +116,27 @@ def test_a_host_cut_off_for_5_s_and_healed_does_not_stop_the_run(
         healed.join()
     assert status["reached_target"], status.get("done_reason")
     assert_nothing_applied_twice(status)
+
+
+def test_the_cycle_benchmark_across_shaped_hosts_loses_and_doubles_nothing(
+    tmp_path: Path,
+) -> None:
+    """bench.ps_cycle --hosts: every server and worker in a namespace of its own, the links
+    shaped to 1 Gbit/s; both servers applied exactly the acknowledged pushes."""
+    out = tmp_path / "cycle.json"
+    argv = ["--params", "50000", "--workers", "2", "--shards", "2", "--seconds", "1"]
+    argv += ["--warmup", "0.5", "--hosts", "--shape", "1gbit", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ps_cycle", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["hosts"] == "a host each, bridged, every link 1gbit"
+    for server in ("dsgd", "tcp"):
+        figures = doc[server]
+        assert figures["head_exact"] and figures["pushes_match"], figures
+        assert figures["pulls"] > 0
