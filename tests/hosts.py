@@ -104,15 +104,22 @@ class Hosts:
 
     def start(self, host: str, label: str, *args: str) -> subprocess.Popen[str]:
         """``python -m ARGS`` inside ``host``'s namespace (log in ``logs/label.log``)."""
+        return self.run(host, label, sys.executable, "-m", *args)
+
+    def run(
+        self, host: str, label: str, *command: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        """Any command inside ``host``'s namespace, stopped with the others on exit."""
         log = self.logs / f"{label}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns[host], sys.executable, "-m", *args],
+                ["ip", "netns", "exec", self.netns[host], *command],
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 text=True,
+                env=env,
             )
         self.procs.append((label, proc))
         return proc
