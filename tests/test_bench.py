@@ -240,3 +240,33 @@ def test_the_cycle_benchmark_checks_that_no_update_is_lost_or_doubled(tmp_path: 
         assert figures["shard_pushes"] == [sum(figures["acknowledged"])] * 2
         assert figures["pulls"] > 0 and figures["cycles_per_s"] > 0
     assert doc["ratio"] == pytest.approx(doc["dsgd"]["cycles_per_s"] / doc["tcp"]["cycles_per_s"])
+
+
+def test_shaped_link_rows_divide_each_step_time_by_the_unshaped_links(tmp_path: Path) -> None:
+    from bench import shaped_links
+
+    def record(link: str, run: str, seconds: float, moved: float) -> dict[str, Any]:
+        return {
+            "link": link,
+            "run": run,
+            "step_seconds": seconds,
+            "bytes_per_step": moved,
+            "gradient_seconds_per_step": 0.5,
+            "exchange_seconds_per_step": seconds - 0.5,
+        }
+
+    records = [
+        record("bridge", "dense", 1.0, 6e8),
+        record("1gbit", "dense", 5.0, 6e8),
+        record("1gbit", "dense", 7.0, 6e8),
+        record("bridge", "1%-fp16", 0.8, 9e6),
+        record("1gbit", "1%-fp16", 0.9, 9e6),
+    ]
+    rows = {(r["link"], r["run"]): r for r in shaped_links.with_ratios(records)}
+    assert rows["1gbit", "dense"]["step_seconds"] == 6.0
+    assert rows["1gbit", "dense"]["step_time_x_bridge"] == 6.0
+    assert rows["1gbit", "dense"]["repeats"] == 2
+    assert rows["1gbit", "1%-fp16"]["step_time_x_bridge"] == pytest.approx(0.9 / 0.8)
+    assert rows["bridge", "dense"]["step_time_x_bridge"] == 1.0
+    shaped_links.plot(list(rows.values()), tmp_path / "links.png")
+    assert (tmp_path / "links.png").read_bytes().startswith(PNG_MAGIC)
