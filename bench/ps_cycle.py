@@ -528,8 +528,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
                 x,
                 med,
                 yerr=[
-                    [m - r[server]["min"] for m, r in zip(med, points, strict=True)],
-                    [r[server]["max"] - m for m, r in zip(med, points, strict=True)],
+                    # clamped: figures read back from records round-trip through 1/x
+                    [max(0.0, m - r[server]["min"]) for m, r in zip(med, points, strict=True)],
+                    [max(0.0, r[server]["max"] - m) for m, r in zip(med, points, strict=True)],
                 ],
                 color=color,
                 linestyle=style,
@@ -542,8 +543,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
             x,
             med,
             yerr=[
-                [m - r["ratio"]["min"] for m, r in zip(med, points, strict=True)],
-                [r["ratio"]["max"] - m for m, r in zip(med, points, strict=True)],
+                [max(0.0, m - r["ratio"]["min"]) for m, r in zip(med, points, strict=True)],
+                [max(0.0, r["ratio"]["max"] - m) for m, r in zip(med, points, strict=True)],
             ],
             color=color,
             marker="o",
