@@ -80,7 +80,7 @@ def one_run(link: str, run: str, args: argparse.Namespace, logs: Path) -> dict[s
         coordinator = hosts.start(
             "coord",
             f"{link}-{run}-coordinator",
-            *("dsgd.coordinator", "--host", "0.0.0.0", "--port", PORT),
+            *("dsgd.coordinator", "--host", "0.0.0.0", "--port", PORT, "--insecure"),
             *("--model", MODEL, "--data", args.data, "--model-arg"),
             *(f"image_size={args.image_size}", "--workers", "1", "--shards", "2"),
             *("--density", str(density), "--value-dtype", value_dtype, "--no-evaluator"),
@@ -93,7 +93,7 @@ def one_run(link: str, run: str, args: argparse.Namespace, logs: Path) -> dict[s
                 host,
                 f"{link}-{run}-{host}",
                 *("dsgd.shard", "--coordinator", address, "--shard-id", str(k)),
-                *("--host", "0.0.0.0", "--advertise-host", hosts.address[host]),
+                *("--host", "0.0.0.0", "--advertise-host", hosts.address[host], "--insecure"),
             )
         hosts.start("worker0", f"{link}-{run}-worker0", "dsgd.worker", "--coordinator", address)
         samples: list[tuple[float, int]] = []

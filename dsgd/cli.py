@@ -3,6 +3,7 @@
 dsgd start [--workers N] [--shards S] [--model MOD:ATTR] ...   (scripts/start_cluster.sh)
 dsgd status --coordinator HOST:PORT [--json]
 dsgd checkpoint save DIR --coordinator HOST:PORT
+dsgd keys init DIR [--host NAME]...                             (then --secure DIR everywhere)
 dsgd coordinator|shard|worker|evaluator ...                     (same as python -m dsgd.ROLE)
 """
 
@@ -18,12 +19,15 @@ import grpc
 from google.protobuf import json_format
 
 from dsgd.config import add_config_arguments, config_from_arguments
-from dsgd.control import CHANNEL_OPTIONS, check_address
+from dsgd.control import blocking_channel, check_address
 from dsgd.errors import DsgdError
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.report import status_table
 from dsgd.runtime import EXIT_USER_ERROR
+from dsgd.security import Security
+
+SECURE_HELP = "the cluster's key directory, when it was started with --secure"
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -36,12 +40,13 @@ def _start(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         restore=args.restore,
         crash_loop_limit=args.crash_loop_limit,
+        secure=args.secure,
     )
 
 
 def _status(args: argparse.Namespace) -> int:
     address = check_address(args.coordinator)
-    with grpc.insecure_channel(address) as channel:
+    with blocking_channel(address, _security(args)) as channel:
         try:
             status = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=5.0)
         except grpc.RpcError as exc:
@@ -68,7 +73,7 @@ def _checkpoint_save(args: argparse.Namespace) -> int:
     pieces: list[bytes] = []
     manifest: dict[str, Any] = {}
     request = pb.CheckpointRequest(reason="dsgd checkpoint save")
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with blocking_channel(address, _security(args)) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         try:
             for piece in stub.SaveCheckpoint(request, timeout=args.timeout):
@@ -96,8 +101,20 @@ def _checkpoint_save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _security(args: argparse.Namespace) -> Security | None:
+    return None if args.secure is None else Security.load(args.secure)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "keys":
+        from dsgd import keys
+
+        try:
+            return keys.main(argv[1:])
+        except DsgdError as exc:
+            print(f"dsgd keys: error: {exc}", file=sys.stderr)  # noqa: T201
+            return EXIT_USER_ERROR
     roles = {
         "coordinator": "dsgd.coordinator.process",
         "shard": "dsgd.shard.process",
@@ -126,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="end the run when a member exits this many times in a row without progress",
     )
+    start.add_argument("--secure", type=Path, metavar="DIR", help=SECURE_HELP)
     start.set_defaults(func=_start)
     status = commands.add_parser("status", help="print a running cluster's members and progress")
     status.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--secure", type=Path, metavar="DIR", help=SECURE_HELP)
     status.set_defaults(func=_status)
     ckpt = commands.add_parser("checkpoint", help="save a running cluster's checkpoint")
     ckpt_commands = ckpt.add_subparsers(dest="action", required=True)
@@ -137,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("dir", type=Path, help="a new (or empty) directory")
     save.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     save.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    save.add_argument("--secure", type=Path, metavar="DIR", help=SECURE_HELP)
     save.set_defaults(func=_checkpoint_save)
+    commands.add_parser("keys", help="make a cluster's keys (dsgd keys init DIR; see --help)")
     for role in roles:
         runs = roles[role].removesuffix(".process")
         commands.add_parser(role, help=f"run one {role} (see python -m {runs} --help)")

@@ -23,6 +23,7 @@ from dsgd.errors import Closed, ConfigError, ModelError, PeerLost
 from dsgd.layout import Layout
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
+from dsgd.security import TLS_CHANNEL_OPTIONS, RequireToken, Security
 from dsgd.stats import RateLimitedLog, peak_rss_bytes
 from dsgd.types import FlatParams, ShardInfo
 
@@ -137,17 +138,27 @@ async def start_grpc_server(
     register: Callable[[grpc.aio.Server], None],
     what: str,
     refused: dict[str, int] | None = None,
+    security: Security | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server with health checking; return it and its bound port.
 
-    Requests that are not valid protobuf are refused (and counted into ``refused``).
+    Requests that are not valid protobuf are refused (and counted into ``refused``). With
+    ``security`` the server speaks mutual TLS only and refuses calls without the cluster
+    token (counted as ``refused["token"]``), the health service's excepted.
     """
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[RefuseUndecodable(refused)])
+    refused = refused if refused is not None else {}
+    interceptors: list[grpc.aio.ServerInterceptor] = [RefuseUndecodable(refused)]
+    if security is not None:
+        interceptors.insert(0, RequireToken(security.token, refused))
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if security is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", security.server_credentials())
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -169,8 +180,31 @@ def check_address(address: str) -> str:
     return address
 
 
-def coordinator_channel(address: str) -> tuple[grpc.aio.Channel, pb_grpc.CoordinatorStub]:
-    channel = grpc.aio.insecure_channel(check_address(address), options=CHANNEL_OPTIONS)
+def open_channel(address: str, security: Security | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``address``: mutual TLS with the cluster token under
+    ``security``, else plaintext."""
+    check_address(address)
+    if security is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(
+        address, security.channel_credentials(), options=CHANNEL_OPTIONS + TLS_CHANNEL_OPTIONS
+    )
+
+
+def blocking_channel(address: str, security: Security | None = None) -> grpc.Channel:
+    """:func:`open_channel` for code without an event loop (the CLI, the supervisor)."""
+    check_address(address)
+    if security is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(
+        address, security.channel_credentials(), options=CHANNEL_OPTIONS + TLS_CHANNEL_OPTIONS
+    )
+
+
+def coordinator_channel(
+    address: str, security: Security | None = None
+) -> tuple[grpc.aio.Channel, pb_grpc.CoordinatorStub]:
+    channel = open_channel(address, security)
     return channel, pb_grpc.CoordinatorStub(channel)
 
 
@@ -178,12 +212,17 @@ class CoordinatorLink:
     """A member's calls to the coordinator, retried until ``give_up_after`` seconds pass."""
 
     def __init__(
-        self, address: str, *, give_up_after: float = 60.0, stop: asyncio.Event | None = None
+        self,
+        address: str,
+        *,
+        give_up_after: float = 60.0,
+        stop: asyncio.Event | None = None,
+        security: Security | None = None,
     ) -> None:
         self.address = address
         self.give_up_after = give_up_after
         self.stop = stop  # once set, every wait of the link ends at once with Closed
-        self.channel, self.stub = coordinator_channel(address)
+        self.channel, self.stub = coordinator_channel(address, security)
         self.reachable = True
         self._down_since: float | None = None
 

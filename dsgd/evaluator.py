@@ -38,6 +38,7 @@ from dsgd.layout import aligned_empty
 from dsgd.model import EAGER, CompiledModel, ModelSpec
 from dsgd.proto import control_pb2 as pb
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
+from dsgd.security import Security, from_arguments
 from dsgd.shard.client import ParameterReader
 from dsgd.stats import RateMeter, paced_interval
 from dsgd.types import ShardInfo
@@ -62,12 +63,13 @@ class Evaluator:
         shards: Sequence[ShardInfo],
         context: zmq.asyncio.Context,
         incarnation: int,
+        security: Security | None = None,
     ) -> None:
         self.compiled = compiled
         self.config = config
         self.shards = list(shards)
         self.incarnation = incarnation
-        self.reader = ParameterReader(compiled.layout.fingerprint, context)
+        self.reader = ParameterReader(compiled.layout.fingerprint, context, security=security)
         self.flat = aligned_empty(compiled.layout.size)
         self.rate = RateMeter()
         self.evaluations = 0
@@ -237,9 +239,10 @@ async def run_evaluator(
     model: str | None = None,
     ready_file: str | None = None,
     connect_timeout: float = 60.0,
+    security: Security | None = None,
 ) -> None:
     """Evaluate for the cluster at ``coordinator`` until the run ends (or ``stop``)."""
-    link = CoordinatorLink(coordinator, give_up_after=connect_timeout, stop=stop)
+    link = CoordinatorLink(coordinator, give_up_after=connect_timeout, stop=stop, security=security)
     ctx = zmq.asyncio.Context()
     try:
         config, compiled = await load_cluster_model(link, spec, model)
@@ -254,7 +257,8 @@ async def run_evaluator(
         )
         if reply is None:
             return
-        evaluator = Evaluator(compiled, config, shard_infos(reply.shards), ctx, request.incarnation)
+        shards = shard_infos(reply.shards)
+        evaluator = Evaluator(compiled, config, shards, ctx, request.incarnation, security)
         try:
             async with asyncio.TaskGroup() as group:
                 beats = group.create_task(
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             ready_file=args.ready_file,
             connect_timeout=args.connect_timeout,
+            security=from_arguments(args),
         )
         return 0
 

@@ -26,6 +26,7 @@ from dsgd.errors import (
     LayoutMismatch,
     TaskCrashed,
 )
+from dsgd.security import add_security_arguments
 
 EXIT_FAILURE = 1  # worth a restart: a peer was lost, or a task crashed
 EXIT_USER_ERROR = 2  # a mistake a restart cannot fix: the supervisor gives up at once
@@ -64,6 +65,7 @@ def add_member_arguments(parser: argparse.ArgumentParser, ready: str, health: bo
     )
     parser.add_argument("--log-level", default="INFO")
     add_operator_arguments(parser, health)
+    add_security_arguments(parser)
 
 
 def add_operator_arguments(parser: argparse.ArgumentParser, health: bool = False) -> None:

@@ -30,11 +30,13 @@ import grpc
 from google.protobuf import json_format
 
 from dsgd.config import FINAL_EVALUATION_SECONDS, TrainConfig, parse_target
+from dsgd.control import blocking_channel
 from dsgd.errors import ConfigError, DsgdError
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.report import progress_line, summarize
 from dsgd.runtime import EXIT_USER_ERROR
+from dsgd.security import Security
 
 START_TIMEOUT = 120.0  # seconds for the coordinator to report ready (JAX import + compile)
 STOP_TIMEOUT = 4.0  # seconds between SIGTERM and SIGKILL (members stop within 2 s)
@@ -171,8 +173,11 @@ class Supervisor:
         restore: Path | None = None,
         max_restarts: int = 20,
         crash_loop_limit: int = 3,
+        secure: Path | None = None,
     ) -> None:
         self.config = config
+        self.secure = secure
+        self.security = None if secure is None else Security.load(secure)  # checked up front
         self.run_dir = run_dir
         self.out = out
         self.checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
@@ -245,6 +250,10 @@ class Supervisor:
             f"model {self.config.model}; logs in {self.run_dir}/"
         )
         python = [sys.executable, "-m"]
+        if self.secure is not None:
+            self.say(
+                f"dsgd: both planes authenticated and encrypted with the keys in {self.secure}"
+            )
         ready = self.run_dir / "coordinator.ready"
         ready.unlink(missing_ok=True)
         coordinator_argv = [
@@ -265,7 +274,7 @@ class Supervisor:
         self.coordinator_address = self.wait_ready(coordinator)["address"]
         # a restarted coordinator must come back where the members look for it
         coordinator.argv += ["--port", self.coordinator_address.rsplit(":", 1)[1]]
-        self._channel = grpc.insecure_channel(self.coordinator_address)
+        self._channel = blocking_channel(self.coordinator_address, self.security)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         join = ["--coordinator", self.coordinator_address]
         for k in range(self.config.num_shards):
@@ -287,6 +296,8 @@ class Supervisor:
         if ready is None:
             ready = self.run_dir / f"{name}.ready"
             argv = [*argv, "--ready-file", str(ready)]
+        if self.secure is not None:
+            argv = [*argv, "--secure", str(self.secure)]
         child = Child(name, argv, self.run_dir / f"{name}.log", ready)
         with self.signals_held():
             child.start()
@@ -473,6 +484,7 @@ def start(
     checkpoint_dir: Path | None = None,
     restore: Path | None = None,
     crash_loop_limit: int = 3,
+    secure: Path | None = None,
 ) -> int:
     if crash_loop_limit < 1:
         raise ConfigError(f"--crash-loop-limit must be >= 1, got {crash_loop_limit}")
@@ -490,4 +502,5 @@ def start(
         checkpoint_dir=checkpoint_dir,
         restore=restore,
         crash_loop_limit=crash_loop_limit,
+        secure=secure,
     ).run()

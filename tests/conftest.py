@@ -23,6 +23,7 @@ from dsgd.coordinator.core import Coordinator
 from dsgd.coordinator.service import CoordinatorService
 from dsgd.optim import SGD, ServerOptimizerT
 from dsgd.proto import control_pb2_grpc as pb_grpc
+from dsgd.security import Security
 from dsgd.shard.core import ShardCore, ShardState
 from dsgd.shard.server import ShardServer
 
@@ -44,8 +45,10 @@ async def make_shard(
     staleness: str = "none",
     chunk_bytes: int = 1 << 16,
     seed: int = 0,
+    security: Security | None = None,
 ) -> ShardServer:
-    """A shard core with random parameters, served on 127.0.0.1 (close it with aclose())."""
+    """A shard core with random parameters, served on 127.0.0.1 (close it with aclose());
+    with ``security``, over CURVE with its admission of keys."""
     params = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
     opt = optimizer or SGD(0.1)
     core = ShardCore(
@@ -56,7 +59,7 @@ async def make_shard(
         staleness=staleness,
         chunk_bytes=chunk_bytes,
     )
-    server = ShardServer(core)
+    server = ShardServer(core, security=security)
     await server.start_serving()
     return server
 

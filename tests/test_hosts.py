@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dsgd import keys
 from tests.conftest import cluster_status
 from tests.hosts import ROOT, Hosts, unavailable
 
@@ -31,18 +32,20 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
 
 
 def start_cluster(hosts: Hosts, tmp: Path, max_seconds: int) -> tuple[Any, str]:
-    """The README's multi-machine recipe, one role per host; the coordinator's process and
-    address."""
+    """The README's multi-machine recipe, one role per host, secured with one key directory
+    (off loopback plaintext is refused); the coordinator's process and address."""
     coordinator = f"{hosts.address['coord']}:{PORT}"
+    keys.init(tmp / "keys", [])
+    secure = ("--secure", str(tmp / "keys"))
     status_file = tmp / "status.json"
     coord = hosts.start(
         "coord",
         "coordinator",
         "dsgd.coordinator",
         *("--host", "0.0.0.0", "--port", PORT, *TRAINING),
-        *("--max-seconds", str(max_seconds), "--status-file", str(status_file)),
+        *("--max-seconds", str(max_seconds), "--status-file", str(status_file), *secure),
     )
-    hosts.start("coord", "evaluator", "dsgd.evaluator", "--coordinator", coordinator)
+    hosts.start("coord", "evaluator", "dsgd.evaluator", "--coordinator", coordinator, *secure)
     for k in range(2):
         host = f"shard{k}"
         hosts.start(
@@ -50,10 +53,12 @@ def start_cluster(hosts: Hosts, tmp: Path, max_seconds: int) -> tuple[Any, str]:
             host,
             "dsgd.shard",
             *("--coordinator", coordinator, "--shard-id", str(k)),
-            *("--host", "0.0.0.0", "--advertise-host", hosts.address[host]),
+            *("--host", "0.0.0.0", "--advertise-host", hosts.address[host], *secure),
         )
     for k in range(2):
-        hosts.start(f"worker{k}", f"worker{k}", "dsgd.worker", "--coordinator", coordinator)
+        hosts.start(
+            f"worker{k}", f"worker{k}", "dsgd.worker", "--coordinator", coordinator, *secure
+        )
     return coord, coordinator
 
 

@@ -35,6 +35,7 @@ from dsgd.runtime import (
     setup_logging,
     write_ready_file,
 )
+from dsgd.security import Security, add_security_arguments, check_listen, from_arguments
 from dsgd.shard.client import ParameterReader
 from dsgd.types import FlatParams
 
@@ -54,11 +55,13 @@ async def run_coordinator(
     linger: float = 30.0,
     on_ready: Callable[[str], None] | None = None,
     restore: Path | None = None,
+    security: Security | None = None,
 ) -> tuple[Coordinator, FlatParams | None]:
     """Coordinate one run until it is over (or ``stop``); return the coordinator and the
     final parameters (None when no shard could give them).
 
-    ``on_ready(address)`` is called once the gRPC server listens.
+    ``on_ready(address)`` is called once the gRPC server listens. With ``security`` the
+    control plane speaks mutual TLS and the final parameters are read over CURVE.
     """
     saved = None if restore is None else await _read_restore(restore, config)
     coordinator = Coordinator(config, saved)
@@ -66,9 +69,12 @@ async def run_coordinator(
     server, bound = await start_grpc_server(
         host,
         port,
-        lambda s: pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), s),
+        lambda s: pb_grpc.add_CoordinatorServicer_to_server(
+            CoordinatorService(coordinator, security), s
+        ),
         "coordinator",
         coordinator.refused,
+        security,
     )
     try:
         log.info(
@@ -83,7 +89,8 @@ async def run_coordinator(
         write_ready_file(ready_file, {"address": f"{host}:{bound}"})
         if on_ready is not None:
             on_ready(f"{host}:{bound}")
-        return coordinator, await _run(coordinator, stop, linger, final_params_path)
+        final = await _run(coordinator, stop, linger, final_params_path, security)
+        return coordinator, final
     finally:
         await server.stop(grace=0.5)
 
@@ -100,7 +107,11 @@ async def _read_restore(restore: Path, config: TrainConfig) -> ClusterCheckpoint
 
 
 async def _run(
-    coordinator: Coordinator, stop: asyncio.Event, linger: float, final_params_path: Path | None
+    coordinator: Coordinator,
+    stop: asyncio.Event,
+    linger: float,
+    final_params_path: Path | None,
+    security: Security | None,
 ) -> FlatParams | None:
     """Until the run is over; then the members' leaving and the final parameters."""
     async with asyncio.TaskGroup() as group:
@@ -110,7 +121,7 @@ async def _run(
     if stop.is_set():
         return None
     await _wait_members(coordinator, linger, shards=False)
-    final = await _final_parameters(coordinator)
+    final = await _final_parameters(coordinator, security)
     if final is not None and final_params_path is not None:
         await asyncio.to_thread(_save_npy, final_params_path, final)
     await _wait_members(coordinator, linger, shards=True)  # their last checkpoints
@@ -147,14 +158,18 @@ async def _wait_members(coordinator: Coordinator, linger: float, *, shards: bool
             await asyncio.wait_for(coordinator.shutdown_requested.wait(), 0.1)
 
 
-async def _final_parameters(coordinator: Coordinator) -> FlatParams | None:
+async def _final_parameters(
+    coordinator: Coordinator, security: Security | None
+) -> FlatParams | None:
     """Read the final parameters from the shards, then let them leave."""
     layout = coordinator.layout
     try:
         if layout is None or not coordinator.shards_ready():
             return None
         ctx = zmq.asyncio.Context()
-        reader = ParameterReader(layout.fingerprint, ctx, fetch_timeout=FINAL_READ_TIMEOUT)
+        reader = ParameterReader(
+            layout.fingerprint, ctx, fetch_timeout=FINAL_READ_TIMEOUT, security=security
+        )
         try:
             flat = np.empty(layout.size, np.float32)
             await reader.read(shard_infos(coordinator.shard_endpoints()), flat)
@@ -189,6 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--restore", type=Path, help="start from this cluster checkpoint")
     parser.add_argument("--log-level", default="INFO")
     add_operator_arguments(parser)
+    add_security_arguments(parser)
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -198,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("coordinator", args.log_level)
 
     async def coordinator_main(stop: asyncio.Event) -> int:
+        security = from_arguments(args)
+        check_listen(args.host, security, args.insecure, "coordinator")
         if args.config_file:
             config = TrainConfig.from_json(args.config_file.read_text())
         else:
@@ -211,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             final_params_path=args.final_params,
             linger=args.linger,
             restore=args.restore,
+            security=security,
         )
         if args.status_file:
             text = json_format.MessageToJson(coordinator.status(), preserving_proto_field_name=True)

@@ -17,11 +17,12 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from dsgd.control import CHANNEL_OPTIONS, tensor_chunks
+from dsgd.control import open_channel, tensor_chunks
 from dsgd.coordinator.core import Coordinator
 from dsgd.errors import Refusal, Refused
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
+from dsgd.security import Security
 
 SHARD_CHECKPOINT_TIMEOUT = 300.0
 STATUS_CODES = {
@@ -38,8 +39,9 @@ Reply = TypeVar("Reply")
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """gRPC adaptor: translates calls to :class:`Coordinator` methods and refusals to statuses."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, security: Security | None = None) -> None:
         self.c = coordinator
+        self.security = security  # for the calls it makes to shards' control services
 
     async def _answer(
         self, decide: Callable[[Request], Reply], request: Request, context: Any
@@ -126,7 +128,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
         assert c.layout is not None
         for shard_id in range(c.config.num_shards):
-            async for piece in _shard_checkpoint(c, shard_id, request.reason, context):
+            async for piece in _shard_checkpoint(
+                c, shard_id, request.reason, context, self.security
+            ):
                 yield piece
         manifest = {
             "model": c.config.model,
@@ -143,7 +147,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
 
 async def _shard_checkpoint(
-    c: Coordinator, shard_id: int, reason: str, context: Any
+    c: Coordinator, shard_id: int, reason: str, context: Any, security: Security | None
 ) -> AsyncIterator[pb.CheckpointPiece]:
     """Relay one shard's checkpoint stream from its own control service."""
     endpoint = c.shards[shard_id].endpoint
@@ -153,9 +157,7 @@ async def _shard_checkpoint(
             f"shard {shard_id} has no control service to checkpoint through",
         )
     assert endpoint is not None
-    async with grpc.aio.insecure_channel(
-        endpoint.control_address, options=CHANNEL_OPTIONS
-    ) as channel:
+    async with open_channel(endpoint.control_address, security) as channel:
         stub = pb_grpc.ShardStub(channel)
         try:
             async for piece in stub.Checkpoint(

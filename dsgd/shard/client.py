@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from dsgd import wire
 from dsgd.errors import Closed, ConfigError, PeerLost, ProtocolError
+from dsgd.security import Security
 from dsgd.sockets import LoopSocket, connect_address
 from dsgd.types import FlatParams, ShardInfo
 from dsgd.wire import AckStatus
@@ -98,8 +99,10 @@ class ShardClient:
         max_inflight: int = 4,
         ack_timeout: float = 10.0,
         fetch_timeout: float = 10.0,
+        security: Security | None = None,
     ) -> None:
         self.shard_id = shard_id
+        self.security = security  # CURVE keys, for a cluster started with --secure
         self.data_address = data_address
         self.pub_address = pub_address
         self.fingerprint = fingerprint
@@ -128,6 +131,8 @@ class ShardClient:
         sub = self._ctx.socket(zmq.SUB)
         for sock in (dealer, sub):
             sock.setsockopt(zmq.LINGER, 0)
+            if self.security is not None:
+                self.security.curve_client(sock)
         dealer.setsockopt(zmq.SNDHWM, 100_000)
         dealer.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -396,10 +401,16 @@ class ParameterReader:
     """
 
     def __init__(
-        self, fingerprint: int, context: zmq.asyncio.Context, *, fetch_timeout: float = 10.0
+        self,
+        fingerprint: int,
+        context: zmq.asyncio.Context,
+        *,
+        fetch_timeout: float = 10.0,
+        security: Security | None = None,
     ) -> None:
         self.fingerprint = fingerprint
         self.fetch_timeout = fetch_timeout
+        self.security = security
         self._ctx = context
         self._clients: dict[int, tuple[ShardInfo, ShardClient]] = {}
 
@@ -431,6 +442,7 @@ class ParameterReader:
             -1,
             self._ctx,
             fetch_timeout=self.fetch_timeout,
+            security=self.security,
         )
         await client.start()
         self._clients[info.shard_id] = (info, client)

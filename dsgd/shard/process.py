@@ -35,6 +35,7 @@ from dsgd.optim import make_optimizer, state_mismatch
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
+from dsgd.security import Security, check_listen, from_arguments
 from dsgd.shard.core import ShardCore, ShardState
 from dsgd.shard.server import ShardServer
 from dsgd.stats import StalenessHistogram, paced_interval
@@ -64,9 +65,11 @@ class ShardProcess:
         control_port: int = 0,
         checkpoint_dir: Path | None = None,
         connect_timeout: float = 60.0,
+        security: Security | None = None,
     ) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.link = CoordinatorLink(coordinator, give_up_after=connect_timeout)
+        self.security = security
+        self.link = CoordinatorLink(coordinator, give_up_after=connect_timeout, security=security)
         self.core = ShardCore(shard_id)
         self.server = ShardServer(
             self.core,
@@ -75,6 +78,7 @@ class ShardProcess:
             pub_port=pub_port,
             advertise_host=advertise_host,
             context=self.ctx,
+            security=security,
         )
         self.host = host
         self.advertise_host = advertise_host or host
@@ -109,6 +113,8 @@ class ShardProcess:
                 self.control_port,
                 lambda s: pb_grpc.add_ShardServicer_to_server(ShardControl(self), s),
                 f"shard {self.shard_id} control service",
+                self.core.rejected,
+                self.security,
             )
             self.control_address = f"{self.advertise_host}:{port}"
             self.restore_local()
@@ -409,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"shard{args.shard_id}", args.log_level)
 
     async def shard_main(stop: asyncio.Event) -> int:
+        security = from_arguments(args)
+        check_listen(args.host, security, args.insecure, f"shard {args.shard_id}")
         process = ShardProcess(
             args.coordinator,
             args.shard_id,
@@ -419,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             control_port=args.control_port,
             checkpoint_dir=args.checkpoint_dir,
             connect_timeout=args.connect_timeout,
+            security=security,
         )
         await process.run(stop, args.ready_file)
         return 0

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from dsgd import wire
 from dsgd.errors import Closed, ConfigError
+from dsgd.security import Admission, Security, count_handshake_failures
 from dsgd.shard.core import ShardCore
 from dsgd.sockets import LoopSocket, bind_twin
 
@@ -51,8 +52,11 @@ class ShardServer:
         pub_port: int = 0,
         advertise_host: str | None = None,
         context: zmq.asyncio.Context | None = None,
+        security: Security | None = None,
     ) -> None:
         self.core = core
+        self._security = security
+        self._admission: Admission | None = None
         self._host = host
         self._ports = (data_port, pub_port)
         self._advertise = advertise_host or host
@@ -69,11 +73,16 @@ class ShardServer:
     async def start(self) -> None:
         """Bind both sockets, raising a one-line ConfigError if a port is taken."""
         wire.keep_frame_memory()
+        if self._security is not None:  # admits the cluster's keys; before any socket binds
+            self._admission = Admission(self._ctx, self._security.authorized, self.core.rejected)
+            self._admission.start()
         router: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
         pub = self._ctx.socket(zmq.PUB)
         self._router, self._pub = LoopSocket(router), pub
         for sock in (router, pub):
             sock.setsockopt(zmq.LINGER, 0)
+            if self._security is not None:
+                self._security.curve_server(sock)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)  # a bigger frame: disconnect
         router.setsockopt(zmq.SNDHWM, 100_000)
@@ -101,6 +110,11 @@ class ShardServer:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._receive_loop(self._router), name="shard-receive")
             group.create_task(self._broadcast_loop(self._pub), name="shard-broadcast")
+            if self._security is not None:
+                core, what = self.core, f"shard {self.core.shard_id}"
+                for sock in (self._router.sock, self._pub):
+                    failures = count_handshake_failures(sock, core.rejected, core.rate_log, what)
+                    group.create_task(failures, name="shard-handshakes")
 
     async def _receive_loop(self, router: LoopSocket) -> None:
         core = self.core
@@ -164,6 +178,8 @@ class ShardServer:
             self._router.close()
         if self._pub is not None:
             self._pub.close(linger=0)
+        if self._admission is not None:
+            self._admission.stop()
         if self._own_context:
             self._ctx.term()
         if crashed is not None:

@@ -36,6 +36,7 @@ from dsgd.runtime import (
     setup_logging,
     write_ready_file,
 )
+from dsgd.security import Security, from_arguments
 from dsgd.worker.replica import Replica
 
 log = logging.getLogger("dsgd.worker")
@@ -73,13 +74,14 @@ async def run_worker(
     host_label: str = "",
     ready_file: str | None = None,
     connect_timeout: float = 60.0,
+    security: Security | None = None,
 ) -> dict[str, Any]:
     """Join the cluster at ``coordinator`` as a worker and train until the run ends.
 
     The model is ``spec`` when given (in-process clusters), else ``model``
     (``MOD:ATTR``), else the model the coordinator announces. Returns final stats.
     """
-    link = CoordinatorLink(coordinator, give_up_after=connect_timeout, stop=stop)
+    link = CoordinatorLink(coordinator, give_up_after=connect_timeout, stop=stop, security=security)
     ctx = zmq.asyncio.Context()
     try:
         config, compiled = await load_cluster_model(link, spec, model)
@@ -109,6 +111,7 @@ async def run_worker(
             shard_infos(reply.shards),
             ctx,
             request.incarnation,
+            security,
         )
         request.worker_id = replica.worker_id  # registering again claims the same slot
         # ready (for launchers: this worker makes progress) once a push has been applied
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             worker_id=args.worker_id,
             ready_file=args.ready_file,
             connect_timeout=args.connect_timeout,
+            security=from_arguments(args),
         )
         return 0
 

@@ -32,6 +32,7 @@ from dsgd.errors import Closed, LayoutMismatch, PeerLost, ProtocolError
 from dsgd.layout import aligned_empty
 from dsgd.model import EAGER, CompiledModel, batches
 from dsgd.optim import subtract_scaled
+from dsgd.security import Security
 from dsgd.shard.client import SHARD_SILENT, PushResult, ShardClient
 from dsgd.stats import RateMeter
 from dsgd.types import FlatParams, ShardInfo
@@ -90,6 +91,7 @@ class Replica:
         shards: Sequence[ShardInfo],
         context: zmq.asyncio.Context,
         incarnation: int = 0,
+        security: Security | None = None,
     ) -> None:
         self.compiled = compiled
         self.config = config
@@ -106,6 +108,7 @@ class Replica:
                 f"needs {expected}; are worker and coordinator running the same model?"
             )
         self._ctx = context
+        self._security = security
         self.clients: list[ShardClient] = []
         size = compiled.layout.size
         # aligned: the jitted gradient reads params in place instead of copying them
@@ -160,6 +163,7 @@ class Replica:
             self.worker_id,
             self._ctx,
             max_inflight=self.config.max_inflight,
+            security=self._security,
         )
 
     async def aclose(self) -> None:
