@@ -101,9 +101,11 @@ def run_dsgd(
     )
 
 
-def cluster_status(address: str) -> dict:
-    """``dsgd status --json`` of the cluster at ``address`` ({} if no coordinator answers)."""
-    proc = run_dsgd("status", "--coordinator", address, "--json", timeout=60)
+def cluster_status(address: str, secure: Path | None = None) -> dict:
+    """``dsgd status --json`` of the cluster at ``address`` ({} if no coordinator answers);
+    ``secure``: the key directory of a cluster started with --secure."""
+    keys = ("--secure", str(secure)) if secure is not None else ()
+    proc = run_dsgd("status", "--coordinator", address, "--json", *keys, timeout=60)
     return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
 

@@ -106,7 +106,7 @@ def test_a_host_cut_off_for_5_s_and_healed_does_not_stop_the_run(
     coord, address = start_cluster(hosts, tmp_path, max_seconds=200)
 
     def training() -> bool:
-        shards = members(cluster_status(address), "ROLE_SHARD")
+        shards = members(cluster_status(address, tmp_path / "keys"), "ROLE_SHARD")
         versions = [int(m.get("stats", {}).get("version", 0)) for m in shards]
         return len(versions) == 2 and min(versions) >= 20
 
