@@ -25,7 +25,7 @@ from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.report import status_table
 from dsgd.runtime import EXIT_USER_ERROR
-from dsgd.security import Security
+from dsgd.security import from_arguments
 
 SECURE_HELP = "the cluster's key directory, when it was started with --secure"
 
@@ -46,7 +46,7 @@ def _start(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     address = check_address(args.coordinator)
-    with blocking_channel(address, _security(args)) as channel:
+    with blocking_channel(address, from_arguments(args)) as channel:
         try:
             status = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=5.0)
         except grpc.RpcError as exc:
@@ -73,7 +73,7 @@ def _checkpoint_save(args: argparse.Namespace) -> int:
     pieces: list[bytes] = []
     manifest: dict[str, Any] = {}
     request = pb.CheckpointRequest(reason="dsgd checkpoint save")
-    with blocking_channel(address, _security(args)) as channel:
+    with blocking_channel(address, from_arguments(args)) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         try:
             for piece in stub.SaveCheckpoint(request, timeout=args.timeout):
@@ -99,10 +99,6 @@ def _checkpoint_save(args: argparse.Namespace) -> int:
     )
     print(f"saved {len(versions)} shard(s) at versions {versions} to {directory}")  # noqa: T201
     return 0
-
-
-def _security(args: argparse.Namespace) -> Security | None:
-    return None if args.secure is None else Security.load(args.secure)
 
 
 def main(argv: list[str] | None = None) -> int:

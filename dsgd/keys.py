@@ -82,7 +82,7 @@ def init(directory: Path, hosts: list[str], days: int = DEFAULT_DAYS) -> None:
     (curve / AUTHORIZED).mkdir(parents=True)
     zmq.auth.create_certificates(str(curve), "server")
     _private(curve / "server.key_secret")
-    _member(directory, directory, "member", hosts, days)
+    _member(directory, directory, hosts, days)
     shutil.copy2(curve / "member.key", curve / AUTHORIZED / "member.key")
 
 
@@ -101,7 +101,7 @@ def add(directory: Path, name: str, out: Path, hosts: list[str], days: int = DEF
         shutil.copy2(directory / shared, out / shared)
     (out / CURVE / AUTHORIZED).mkdir(parents=True)
     shutil.copy2(directory / CURVE / "server.key", out / CURVE / "server.key")
-    _member(directory, out, "member", hosts, days)
+    _member(directory, out, hosts, days)
     shutil.copy2(out / CURVE / "member.key", admitted)
 
 
@@ -147,19 +147,20 @@ def issue_certificate(
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def _member(ca_dir: Path, out: Path, name: str, hosts: list[str], days: int) -> None:
+def _member(ca_dir: Path, out: Path, hosts: list[str], days: int) -> None:
+    """``out``'s member certificate and key, and its CURVE key pair."""
     now = _now()
     cert, key = issue_certificate(
         ca_dir,
-        f"dsgd {out.name} {name}",
+        f"dsgd member {out.name}",
         hosts,
         not_before=now - datetime.timedelta(minutes=5),
         not_after=now + datetime.timedelta(days=days),
     )
-    _write(out / f"{name}.crt", cert)
-    _write(out / f"{name}.key", key, private=True)
-    zmq.auth.create_certificates(str(out / CURVE), name)
-    _private(out / CURVE / f"{name}.key_secret")
+    _write(out / "member.crt", cert)
+    _write(out / "member.key", key, private=True)
+    zmq.auth.create_certificates(str(out / CURVE), "member")
+    _private(out / CURVE / "member.key_secret")
 
 
 def _now() -> datetime.datetime:

@@ -176,7 +176,6 @@ class Supervisor:
         secure: Path | None = None,
     ) -> None:
         self.config = config
-        self.secure = secure
         self.security = None if secure is None else Security.load(secure)  # checked up front
         self.run_dir = run_dir
         self.out = out
@@ -250,10 +249,9 @@ class Supervisor:
             f"model {self.config.model}; logs in {self.run_dir}/"
         )
         python = [sys.executable, "-m"]
-        if self.secure is not None:
-            self.say(
-                f"dsgd: both planes authenticated and encrypted with the keys in {self.secure}"
-            )
+        if self.security is not None:
+            keys = self.security.directory
+            self.say(f"dsgd: both planes authenticated and encrypted with the keys in {keys}")
         ready = self.run_dir / "coordinator.ready"
         ready.unlink(missing_ok=True)
         coordinator_argv = [
@@ -296,8 +294,8 @@ class Supervisor:
         if ready is None:
             ready = self.run_dir / f"{name}.ready"
             argv = [*argv, "--ready-file", str(ready)]
-        if self.secure is not None:
-            argv = [*argv, "--secure", str(self.secure)]
+        if self.security is not None:
+            argv = [*argv, "--secure", str(self.security.directory)]
         child = Child(name, argv, self.run_dir / f"{name}.log", ready)
         with self.signals_held():
             child.start()
