@@ -280,9 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m dsgd.evaluator",
         description="Evaluate a dsgd cluster's parameters on the model's held-out split.",
     )
-    add_member_arguments(
-        parser, "write a line here (JSON) once an evaluation is reported", health=True
-    )
+    add_member_arguments(parser, "write a line here (JSON) once an evaluation is reported")
     parser.add_argument(
         "--model", help="package.module:factory (default: the model the coordinator runs)"
     )

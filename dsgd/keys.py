@@ -2,15 +2,17 @@
 
 A cluster's key directory holds everything :class:`dsgd.security.Security` loads:
 
-    ca.crt, ca.key          the cluster's certificate authority (ca.key only issues more
-                            members: keep it off the machines that train)
+    ca.crt                  the cluster's certificate authority
+    ca/ca.key               ... and its key, which only issues more members: keep it off
+                            the machines that train (a subdirectory, so a Kubernetes
+                            Secret made with --from-file=DIR leaves it out)
     member.crt, member.key  this member's TLS certificate (client and server) and key
     token                   the cluster token every control call carries
-    curve/server.key        the shards' CURVE public key (clients check it)
-    curve/server.key_secret ... and its secret (shards only)
-    curve/member.key[_secret]  this member's CURVE key pair (the client side)
-    curve/authorized/       the CURVE public keys shards admit, one file per member;
-                            a key copied here later is admitted without a restart
+    curve-server.key        the shards' CURVE public key (clients check it)
+    curve-server.key_secret ... and its secret (shards only)
+    curve-member.key[_secret]  this member's CURVE key pair (the client side)
+    admitted-NAME.key       a CURVE public key the shards admit, one file per member; a
+                            file added later is admitted without a restart
 
 ``keys init`` makes a directory every process of a cluster can use. ``keys add`` makes a
 directory for one more member with its own keys (no CA key, no shard secret) and admits
@@ -38,7 +40,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dsgd.errors import ConfigError
-from dsgd.security import AUTHORIZED, CURVE, TLS_NAME
+from dsgd.security import (
+    ADMITTED,
+    CA_CERT,
+    CA_KEY,
+    CURVE_MEMBER,
+    CURVE_SERVER,
+    MEMBER_CERT,
+    MEMBER_KEY,
+    TLS_NAME,
+    TOKEN,
+)
 
 DEFAULT_DAYS = 365
 Key = ec.EllipticCurvePrivateKey
@@ -75,15 +87,14 @@ def init(directory: Path, hosts: list[str], days: int = DEFAULT_DAYS) -> None:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write(directory / "ca.key", _key_pem(ca_key), private=True)
-    _write(directory / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
-    _write(directory / "token", secrets.token_hex(32).encode() + b"\n", private=True)
-    curve = directory / CURVE
-    (curve / AUTHORIZED).mkdir(parents=True)
-    zmq.auth.create_certificates(str(curve), "server")
-    _private(curve / "server.key_secret")
+    (directory / CA_KEY).parent.mkdir(mode=0o700)
+    _write(directory / CA_KEY, _key_pem(ca_key), private=True)
+    _write(directory / CA_CERT, ca.public_bytes(serialization.Encoding.PEM))
+    _write(directory / TOKEN, secrets.token_hex(32).encode() + b"\n", private=True)
+    zmq.auth.create_certificates(str(directory), CURVE_SERVER)
+    _private(directory / f"{CURVE_SERVER}.key_secret")
     _member(directory, directory, hosts, days)
-    shutil.copy2(curve / "member.key", curve / AUTHORIZED / "member.key")
+    shutil.copy2(directory / f"{CURVE_MEMBER}.key", directory / f"{ADMITTED}member.key")
 
 
 def add(directory: Path, name: str, out: Path, hosts: list[str], days: int = DEFAULT_DAYS) -> None:
@@ -91,18 +102,16 @@ def add(directory: Path, name: str, out: Path, hosts: list[str], days: int = DEF
     CURVE key in the cluster's ``directory``."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"member name {name!r} may hold only letters, digits, - and _")
-    if not (directory / "ca.key").is_file():
-        raise ConfigError(f"{directory} holds no ca.key; run `dsgd keys init {directory}` first")
-    admitted = directory / CURVE / AUTHORIZED / f"{name}.key"
+    if not (directory / CA_KEY).is_file():
+        raise ConfigError(f"{directory} holds no {CA_KEY}; run `dsgd keys init {directory}` first")
+    admitted = directory / f"{ADMITTED}{name}.key"
     if admitted.exists():
         raise ConfigError(f"a member called {name!r} exists already ({admitted})")
     _require_empty(out)
-    for shared in ("ca.crt", "token"):
+    for shared in (CA_CERT, TOKEN, f"{CURVE_SERVER}.key"):
         shutil.copy2(directory / shared, out / shared)
-    (out / CURVE / AUTHORIZED).mkdir(parents=True)
-    shutil.copy2(directory / CURVE / "server.key", out / CURVE / "server.key")
     _member(directory, out, hosts, days)
-    shutil.copy2(out / CURVE / "member.key", admitted)
+    shutil.copy2(out / f"{CURVE_MEMBER}.key", admitted)
 
 
 def issue_certificate(
@@ -115,10 +124,10 @@ def issue_certificate(
 ) -> tuple[bytes, bytes]:
     """A certificate (PEM) and its key (PEM), signed by the CA in ``directory``, valid for
     client and server use between the two times."""
-    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-    ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
     if not isinstance(ca_key, Key):
-        raise ConfigError(f"{directory / 'ca.key'} is not an EC key made by dsgd keys init")
+        raise ConfigError(f"{directory / CA_KEY} is not an EC key made by dsgd keys init")
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(TLS_NAME)]
     for host in ["localhost", "127.0.0.1", "::1", *hosts]:
@@ -157,10 +166,10 @@ def _member(ca_dir: Path, out: Path, hosts: list[str], days: int) -> None:
         not_before=now - datetime.timedelta(minutes=5),
         not_after=now + datetime.timedelta(days=days),
     )
-    _write(out / "member.crt", cert)
-    _write(out / "member.key", key, private=True)
-    zmq.auth.create_certificates(str(out / CURVE), "member")
-    _private(out / CURVE / "member.key_secret")
+    _write(out / MEMBER_CERT, cert)
+    _write(out / MEMBER_KEY, key, private=True)
+    zmq.auth.create_certificates(str(out), CURVE_MEMBER)
+    _private(out / f"{CURVE_MEMBER}.key_secret")
 
 
 def _now() -> datetime.datetime:

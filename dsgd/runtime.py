@@ -55,23 +55,25 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def add_member_arguments(parser: argparse.ArgumentParser, ready: str, health: bool = False) -> None:
-    """The flags every cluster member (shard or worker) takes besides its own; ``health``
-    for a member without a gRPC server of its own (see :func:`add_operator_arguments`)."""
+def add_member_arguments(parser: argparse.ArgumentParser, ready: str) -> None:
+    """The flags every cluster member (shard or worker) takes besides its own."""
     parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     parser.add_argument("--ready-file", help=ready)
     parser.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator"
     )
     parser.add_argument("--log-level", default="INFO")
-    add_operator_arguments(parser, health)
+    add_operator_arguments(parser)
     add_security_arguments(parser)
 
 
-def add_operator_arguments(parser: argparse.ArgumentParser, health: bool = False) -> None:
-    """What operators scrape and probe: ``--metrics-port`` (every process) and, with
-    ``health``, ``--health-port`` for a process that serves no gRPC of its own (workers,
-    the evaluator); ``--metrics-host`` is the address both listen on."""
+def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
+    """What operators scrape and probe: ``--metrics-port`` and ``--health-port`` (every
+    process); ``--metrics-host`` is the address both listen on.
+
+    The health port serves ``grpc.health.v1`` alone, in the clear and without the token:
+    for the workers and the evaluator, which serve no gRPC of their own, and for probes
+    that cannot speak a secured cluster's mutual TLS (Kubernetes' gRPC probes)."""
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)"
     )
@@ -80,12 +82,12 @@ def add_operator_arguments(parser: argparse.ArgumentParser, health: bool = False
         default="127.0.0.1",
         help="address the metrics (and --health-port) listen on; 0.0.0.0 for scrapers elsewhere",
     )
-    if health:
-        parser.add_argument(
-            "--health-port",
-            type=int,
-            help="serve grpc.health.v1 on this port, for liveness and readiness probes",
-        )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        help="serve grpc.health.v1 alone on this port, in the clear, for liveness and "
+        "readiness probes",
+    )
 
 
 def setup_logging(role: str, level: str = "INFO") -> None:

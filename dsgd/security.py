@@ -4,7 +4,7 @@ plane, both from one key directory (``--secure DIR``, made by ``dsgd keys init``
 - **Data plane.** Shards' ZeroMQ sockets are CURVE servers and every client a CURVE client
   with a key pair of its own ("ironhouse"). CURVE alone encrypts but admits any key, so a
   shard also runs :class:`Admission`, a ZAP handler that admits only the public keys in
-  ``curve/authorized/``, re-reading that directory whenever it changed, so a member
+  the directory's ``admitted-*.key`` files, re-reading them whenever it changed, so a member
   admitted later joins without a restart, and one whose key file is deleted is turned
   away from its next connection on. Refusals, and
   clients that fail the handshake (plaintext ones, say), are counted and logged at a
@@ -47,8 +47,17 @@ from dsgd.stats import RateLimitedLog
 log = logging.getLogger("dsgd.security")
 
 TLS_NAME = "dsgd-cluster"  # the name every member certificate carries and clients check
-CURVE = "curve"
-AUTHORIZED = "authorized"
+# The key directory (made by dsgd.keys). Flat, so that a Kubernetes Secret made from it
+# (`kubectl create secret generic --from-file=DIR`) mounts as the same directory; the CA's
+# key lives in a subdirectory, which that command leaves out.
+CA_CERT = "ca.crt"
+CA_KEY = "ca/ca.key"
+MEMBER_CERT = "member.crt"
+MEMBER_KEY = "member.key"
+TOKEN = "token"
+CURVE_SERVER = "curve-server"  # .key (public), .key_secret (shards only)
+CURVE_MEMBER = "curve-member"  # this member's CURVE key pair
+ADMITTED = "admitted-"  # admitted-NAME.key: a CURVE public key the shards admit
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 HEALTH_SERVICE = "/grpc.health.v1.Health/"
 # dsgd's clients check the server's certificate for the cluster's name, not the address
@@ -138,27 +147,27 @@ class Security:
                 ) from None
 
         def curve(name: str) -> tuple[bytes, bytes | None]:
-            read(f"{CURVE}/{name}")  # the one-line error when it is missing
-            secret = directory / CURVE / f"{name}_secret"
+            read(f"{name}.key")  # the one-line error when it is missing
+            secret = directory / f"{name}.key_secret"
             try:
                 return zmq.auth.load_certificate(
-                    secret if secret.exists() else directory / CURVE / name
+                    secret if secret.exists() else directory / f"{name}.key"
                 )
             except (ValueError, OSError) as exc:
-                raise ConfigError(f"{directory / CURVE / name} is not a CURVE key: {exc}") from None
+                raise ConfigError(f"{directory / name}.key is not a CURVE key: {exc}") from None
 
-        server_public, server_secret = curve("server.key")
-        member_public, member_secret = curve("member.key")
+        server_public, server_secret = curve(CURVE_SERVER)
+        member_public, member_secret = curve(CURVE_MEMBER)
         if member_secret is None:
-            raise ConfigError(f"{directory / CURVE} holds no member.key_secret")
-        token = read("token").decode(errors="replace").strip()
+            raise ConfigError(f"{directory} holds no {CURVE_MEMBER}.key_secret")
+        token = read(TOKEN).decode(errors="replace").strip()
         if len(token) < 16:
-            raise ConfigError(f"{directory / 'token'} is too short to be a cluster token")
+            raise ConfigError(f"{directory / TOKEN} is too short to be a cluster token")
         return cls(
             directory,
-            ca=read("ca.crt"),
-            cert=read("member.crt"),
-            key=read("member.key"),
+            ca=read(CA_CERT),
+            cert=read(MEMBER_CERT),
+            key=read(MEMBER_KEY),
             token=token,
             server_public=server_public,
             server_secret=server_secret,
@@ -166,17 +175,13 @@ class Security:
             member_secret=member_secret,
         )
 
-    @property
-    def authorized(self) -> Path:
-        return self.directory / CURVE / AUTHORIZED
-
     # -- data plane ----------------------------------------------------------------------
 
     def curve_server(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` (before it binds) a CURVE server that asks :class:`Admission`."""
         if self.server_secret is None:
             raise ConfigError(
-                f"{self.directory / CURVE} holds no server.key_secret, which a shard needs; "
+                f"{self.directory} holds no {CURVE_SERVER}.key_secret, which a shard needs; "
                 "give shards the directory `dsgd keys init` made"
             )
         sock.curve_server = True
@@ -205,12 +210,13 @@ class Security:
 
 @dataclass
 class Admission:
-    """A ZAP handler for one ZeroMQ context: admits CURVE clients whose public key is in
-    ``authorized`` and nothing else. Start it before a CURVE server socket binds (without
-    a handler ZeroMQ admits every key) and stop it after they close."""
+    """A ZAP handler for one ZeroMQ context: admits CURVE clients whose public key is in one
+    of ``directory``'s ``admitted-*.key`` files and nothing else. Start it before a CURVE
+    server socket binds (without a handler ZeroMQ admits every key) and stop it after they
+    close."""
 
     context: zmq.Context[Any]
-    authorized: Path
+    directory: Path
     refused: Counter[str] = field(default_factory=Counter)
     _keys: set[bytes] = field(default_factory=set)
     _loaded_at: float = -1e9
@@ -243,16 +249,16 @@ class Admission:
         ``RELOAD_INTERVAL``): a key added or removed counts from the next connection on;
         connections made before stay."""
         stale = time.monotonic() - self._loaded_at >= RELOAD_INTERVAL
-        if self._stamp != _modified(self.authorized) or (stale and key not in self._keys):
+        if self._stamp != _modified(self.directory) or (stale and key not in self._keys):
             self._reload()
         return key in self._keys
 
     def _reload(self) -> None:
         self._loaded_at = time.monotonic()
-        self._stamp = _modified(self.authorized)
+        self._stamp = _modified(self.directory)
         keys = set()
         try:
-            files = sorted(self.authorized.glob("*.key"))
+            files = sorted(self.directory.glob(f"{ADMITTED}*.key"))
         except OSError:
             files = []
         for path in files:

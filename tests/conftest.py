@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +86,13 @@ async def serve_coordinator(
         yield coordinator, f"127.0.0.1:{port}"
     finally:
         await server.stop(grace=0.5)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for flags that want a fixed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_dsgd(

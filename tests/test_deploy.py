@@ -17,7 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dsgd import keys
 from dsgd.config import config_from_arguments
+from dsgd.security import CA_KEY, Security
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -107,10 +109,10 @@ def test_probes_and_scrapes_point_at_ports_the_processes_serve(
     for name, template in workloads(rendered):
         container = template["spec"]["containers"][0]
         module, args = parsed(container)
-        grpc_port = {
-            "dsgd.coordinator": getattr(args, "port", None),
-            "dsgd.shard": getattr(args, "control_port", None),
-        }.get(module, getattr(args, "health_port", None))
+        # every process probes its plaintext health-only port: the coordinator's and the
+        # shards' own gRPC ports ask for mutual TLS, which a kubelet's probe cannot speak
+        grpc_port = args.health_port
+        assert grpc_port is not None, name
         for probe in ("readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == grpc_port, (name, probe)
         declared = {p["containerPort"] for p in container["ports"]}
@@ -120,6 +122,40 @@ def test_probes_and_scrapes_point_at_ports_the_processes_serve(
         assert int(annotations["prometheus.io/port"]) == args.metrics_port, name
         assert args.metrics_host == "0.0.0.0", f"{name}: a scraper must reach the metrics"
         assert container["resources"]["requests"], name
+
+
+def test_every_process_runs_secured_with_the_keys_its_secret_mount_holds(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The Secret made as the kustomization says (``kubectl create secret generic
+    --from-file=DIR``: the regular files at DIR's top) and mounted as each manifest mounts
+    it loads as that process's keys; only shards get the shards' CURVE secret, and the
+    CA's key is never in the Secret."""
+    keys.init(tmp_path / "keys", [])
+    secret = {p.name: p for p in (tmp_path / "keys").iterdir() if p.is_file()}
+    assert all(re.fullmatch(r"[-._a-zA-Z0-9]+", key) for key in secret), "valid Secret keys"
+    assert not any(
+        p.read_bytes() == (tmp_path / "keys" / CA_KEY).read_bytes() for p in secret.values()
+    )
+    for name, template in workloads(rendered):
+        container = template["spec"]["containers"][0]
+        module, args = parsed(container)
+        assert args.secure is not None and not args.insecure, name
+        volume = next(v for v in template["spec"]["volumes"] if "secret" in v)
+        assert volume["secret"]["secretName"] == "dsgd-keys", name
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        assert Path(mount["mountPath"]) == args.secure and mount["readOnly"], name
+        items = volume["secret"].get("items") or [{"key": k, "path": k} for k in secret]
+        mounted = tmp_path / name  # what the kubelet writes
+        mounted.mkdir()
+        for item in items:
+            shutil.copy(secret[item["key"]], mounted / item["path"])
+        loaded = Security.load(mounted)  # as the process will, or a one-line error
+        assert (loaded.server_secret is not None) == (module == "dsgd.shard"), name
+        if module == "dsgd.shard":
+            assert (mounted / "admitted-member.key").is_file(), "shards admit the members"
+        fs_group = template["spec"]["securityContext"].get("fsGroup")
+        assert fs_group is not None and volume["secret"]["defaultMode"] & 0o040, name
 
 
 def test_shards_have_stable_names_ids_and_checkpoint_volumes(

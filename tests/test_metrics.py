@@ -16,7 +16,7 @@ from dsgd import metrics
 from dsgd.errors import ConfigError
 from dsgd.proto import control_pb2 as pb
 from dsgd.stats import StalenessHistogram
-from tests.conftest import ProcessGroup
+from tests.conftest import ProcessGroup, free_port
 
 
 def _samples(collector: Any) -> dict[str, float]:
@@ -69,12 +69,6 @@ def test_metric_names_are_sanitized() -> None:
     assert metrics.metric_name("9lives") == ""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _scrape(port: int, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while True:
@@ -97,7 +91,7 @@ def _health(port: int) -> int:
 def test_a_cluster_serves_its_metrics_over_http_and_workers_their_health(
     processes: ProcessGroup,
 ) -> None:
-    ports = {role: _free_port() for role in ("coordinator", "shard", "worker", "health")}
+    ports = {role: free_port() for role in ("coordinator", "shard", "worker", "health")}
     flags = ["--model", "dsgd.examples.digits:digits_mlp", "--target-accuracy", "1.0"]
     flags += ["--no-evaluator", "--workers", "1", "--shards", "1", "--max-seconds", "120"]
     _, address = processes.start_coordinator(*flags, "--metrics-port", str(ports["coordinator"]))

@@ -25,10 +25,10 @@ from dsgd.control import blocking_channel
 from dsgd.errors import ConfigError, PeerLost
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
-from dsgd.security import CURVE, RELOAD_INTERVAL, TLS_CHANNEL_OPTIONS, Security
+from dsgd.security import CA_KEY, RELOAD_INTERVAL, TLS_CHANNEL_OPTIONS, Security
 from dsgd.shard.client import ShardClient
 from dsgd.shard.server import ShardServer
-from tests.conftest import FINGERPRINT, ROOT, ProcessGroup, make_shard, run_dsgd
+from tests.conftest import FINGERPRINT, ROOT, ProcessGroup, free_port, make_shard, run_dsgd
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,12 @@ def test_keys_init_makes_what_every_process_loads(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     security = Security.load(tmp_path / "k")
     assert security.server_secret is not None and len(security.token) == 64
-    assert (tmp_path / "k" / CURVE / "authorized" / "member.key").is_file()
-    for secret in ("ca.key", "member.key", "token", f"{CURVE}/server.key_secret"):
+    assert (tmp_path / "k" / "admitted-member.key").is_file()
+    for secret in (CA_KEY, "ca", "member.key", "token", "curve-server.key_secret"):
         assert (tmp_path / "k" / secret).stat().st_mode & 0o077 == 0, secret
+    # flat but for the CA's key: a Secret made from the directory holds all a member needs
+    # and not that key
+    assert {p.name for p in (tmp_path / "k").iterdir() if p.is_dir()} == {"ca"}
     # and a second init into the same directory is refused rather than overwriting it
     again = run_dsgd("keys", "init", str(tmp_path / "k"))
     assert again.returncode == 2 and "is not empty" in again.stderr
@@ -67,16 +70,16 @@ def test_keys_add_makes_a_member_directory_without_the_cluster_secrets(
 ) -> None:
     keys.add(cluster_keys, "extra-worker", tmp_path / "extra", [])
     member = Security.load(tmp_path / "extra")
-    assert member.server_secret is None and not (tmp_path / "extra" / "ca.key").exists()
+    assert member.server_secret is None and not (tmp_path / "extra" / CA_KEY).exists()
     assert member.token == Security.load(cluster_keys).token
-    assert (cluster_keys / CURVE / "authorized" / "extra-worker.key").is_file()
+    assert (cluster_keys / "admitted-extra-worker.key").is_file()
     with pytest.raises(ConfigError, match="exists already"):
         keys.add(cluster_keys, "extra-worker", tmp_path / "again", [])
 
 
 @pytest.mark.parametrize(
     "broken, message",
-    [("token", "cannot be read"), (f"{CURVE}/server.key", "cannot be read")],
+    [("token", "cannot be read"), ("curve-server.key", "cannot be read")],
 )
 def test_a_broken_key_directory_is_a_one_line_error(
     tmp_path: Path, broken: str, message: str
@@ -208,7 +211,7 @@ async def test_a_member_added_later_is_admitted_and_a_deleted_one_turned_away(
         keys.add(cluster_keys, "late", tmp_path / "late", [])  # while the shard serves
         late = Security.load(tmp_path / "late")
         assert len(await _fetch(server, late, zmq_ctx)) == server.core.state.params.nbytes
-        (cluster_keys / CURVE / "authorized" / "late.key").unlink()
+        (cluster_keys / "admitted-late.key").unlink()
         await asyncio.sleep(RELOAD_INTERVAL * 2)
         with pytest.raises(PeerLost):
             await _fetch(server, late, zmq_ctx)
@@ -223,9 +226,12 @@ async def test_a_member_added_later_is_admitted_and_a_deleted_one_turned_away(
 @pytest.fixture
 def secure_coordinator(
     cluster_keys: Path, processes: ProcessGroup
-) -> Iterator[tuple[str, Security]]:
-    _, address = processes.start_coordinator("--secure", str(cluster_keys))
-    yield address, Security.load(cluster_keys)
+) -> Iterator[tuple[str, Security, int]]:
+    health_port = free_port()
+    _, address = processes.start_coordinator(
+        "--secure", str(cluster_keys), "--health-port", str(health_port)
+    )
+    yield address, Security.load(cluster_keys), health_port
 
 
 def _status(address: str, credentials: grpc.ChannelCredentials) -> pb.ClusterStatus:
@@ -251,9 +257,9 @@ def _expired(cluster_keys: Path) -> tuple[bytes, bytes]:
 
 
 def test_control_calls_without_certificate_or_token_are_refused(
-    secure_coordinator: tuple[str, Security], foreign_keys: Path, cluster_keys: Path
+    secure_coordinator: tuple[str, Security, int], foreign_keys: Path, cluster_keys: Path
 ) -> None:
-    address, security = secure_coordinator
+    address, security, health_port = secure_coordinator
     foreign = Security.load(foreign_keys)
     expired_cert, expired_key = _expired(cluster_keys)
     refused_by_tls = {
@@ -281,6 +287,13 @@ def test_control_calls_without_certificate_or_token_are_refused(
     with grpc.secure_channel(address, mtls_only, options=TLS_CHANNEL_OPTIONS) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert check.status == health_pb2.HealthCheckResponse.SERVING
+    # ... and none on --health-port, which serves the health service alone, in the clear
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as plain:
+        check = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as absent:
+            pb_grpc.CoordinatorStub(plain).Status(pb.StatusRequest(), timeout=5.0)
+        assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
     # and a member's call goes through, and sees what was refused
     with blocking_channel(address, security) as channel:
         status = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=5.0)
@@ -288,9 +301,9 @@ def test_control_calls_without_certificate_or_token_are_refused(
 
 
 def test_dsgd_status_speaks_to_a_secured_coordinator(
-    secure_coordinator: tuple[str, Security], cluster_keys: Path
+    secure_coordinator: tuple[str, Security, int], cluster_keys: Path
 ) -> None:
-    address, _ = secure_coordinator
+    address, _, _ = secure_coordinator
     ok = run_dsgd("status", "--coordinator", address, "--secure", str(cluster_keys), "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["model"] == "dsgd.examples.digits:digits_cnn"

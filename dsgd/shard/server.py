@@ -74,7 +74,7 @@ class ShardServer:
         """Bind both sockets, raising a one-line ConfigError if a port is taken."""
         wire.keep_frame_memory()
         if self._security is not None:  # admits the cluster's keys; before any socket binds
-            self._admission = Admission(self._ctx, self._security.authorized, self.core.rejected)
+            self._admission = Admission(self._ctx, self._security.directory, self.core.rejected)
             self._admission.start()
         router: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
         pub = self._ctx.socket(zmq.PUB)

@@ -221,9 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dsgd.worker", description="Join a dsgd cluster as one model replica."
     )
-    add_member_arguments(
-        parser, "write the worker id here once its first push is applied", health=True
-    )
+    add_member_arguments(parser, "write the worker id here once its first push is applied")
     parser.add_argument(
         "--model", help="package.module:factory (default: the model the coordinator runs)"
     )
