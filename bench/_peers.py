@@ -20,6 +20,7 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,6 +32,7 @@ from google.protobuf import wrappers_pb2
 
 from bench._common import SPAWN, stop_process
 from dsgd import wire
+from dsgd.security import TLS_CHANNEL_OPTIONS, Security
 
 READY = b"ready"
 BEGIN = b"begin"
@@ -187,13 +189,20 @@ _ZMQ_RECEIVERS: dict[str, Callable[[zmq.Socket[Any], int, np.ndarray, np.ndarray
 
 
 def zmq_receiver(
-    endpoints: list[str], ack_endpoint: str, max_payload: int, timeout_s: float
+    endpoints: list[str],
+    ack_endpoint: str,
+    max_payload: int,
+    timeout_s: float,
+    curve: tuple[bytes, bytes, bytes] | None = None,
 ) -> None:
     """One PULL socket connected to every sender endpoint (tcp and ipc); each transfer is
-    ``[BEGIN, (mode, count)]`` then ``count`` messages, acknowledged once all are in."""
+    ``[BEGIN, (mode, count)]`` then ``count`` messages, acknowledged once all are in.
+    ``curve`` (server public key, own public and secret key) makes it a CURVE client."""
     idle_timeout_ms = int(max(600.0, 10 * timeout_s) * 1000)
     ctx = zmq.Context()
     pull, ack = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    if curve is not None:
+        pull.curve_serverkey, pull.curve_publickey, pull.curve_secretkey = curve
     pull.linger = ack.linger = 0
     pull.rcvtimeo = ack.sndtimeo = int(timeout_s * 1000)
     dest = np.ones(max_payload // 4, np.float32)
@@ -219,20 +228,35 @@ def zmq_receiver(
 
 
 class ZmqPeer:
-    """PUSH sockets (one per transport) bound here, feeding one :func:`zmq_receiver`."""
+    """PUSH sockets (one per transport) bound here, feeding one :func:`zmq_receiver`.
+
+    With ``curve`` the PUSH sockets are CURVE servers and the receiver a CURVE client, as a
+    secured cluster's shards and workers are (encryption and authentication per message;
+    the per-connection key check of :class:`dsgd.security.Admission` costs nothing per
+    byte and is left out).
+    """
 
     def __init__(
-        self, max_payload: int, timeout_s: float, transports: Iterable[str] = ("tcp", "ipc")
+        self,
+        max_payload: int,
+        timeout_s: float,
+        transports: Iterable[str] = ("tcp", "ipc"),
+        curve: bool = False,
     ) -> None:
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self._tmp = tempfile.TemporaryDirectory(prefix="dsgd-bench-")
         self.pushes: dict[str, zmq.Socket[Any]] = {}
         self.process: Any = None
+        server_public, server_secret = zmq.curve_keypair()
+        client_keys = (server_public, *zmq.curve_keypair()) if curve else None
         try:
             endpoints = []
             for transport in transports:
                 push = self.ctx.socket(zmq.PUSH)
+                if curve:
+                    push.curve_server = True
+                    push.curve_secretkey = server_secret
                 push.linger = 0
                 push.sndtimeo = int(timeout_s * 1000)
                 self.pushes[transport] = push
@@ -250,7 +274,13 @@ class ZmqPeer:
             ack_port = self.acks.bind_to_random_port("tcp://127.0.0.1")
             self.process = SPAWN.Process(
                 target=zmq_receiver,
-                args=(endpoints, f"tcp://127.0.0.1:{ack_port}", max_payload, timeout_s),
+                args=(
+                    endpoints,
+                    f"tcp://127.0.0.1:{ack_port}",
+                    max_payload,
+                    timeout_s,
+                    client_keys,
+                ),
                 daemon=True,
             )
             self.process.start()
@@ -361,14 +391,17 @@ def _generic_handler(sink: _Sink, aio: bool) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-def grpc_server(flavor: str, conn: mp.connection.Connection, max_payload: int) -> None:
+def grpc_server(
+    flavor: str, conn: mp.connection.Connection, max_payload: int, keys: Path | None = None
+) -> None:
     """A sync (thread pool) or ``grpc.aio`` server; reports its port on ``conn`` and
-    serves until ``conn`` says stop or closes."""
+    serves until ``conn`` says stop or closes. With ``keys`` (a key directory) it serves
+    mutual TLS as a secured cluster's coordinator and shards do."""
     try:
         if flavor == "aio":
-            asyncio.run(_serve_aio(conn, max_payload))
+            asyncio.run(_serve_aio(conn, max_payload, keys))
         else:
-            _serve_sync(conn, max_payload)
+            _serve_sync(conn, max_payload, keys)
     finally:
         conn.close()
 
@@ -380,11 +413,17 @@ def _wait_for_stop(conn: mp.connection.Connection) -> None:
         pass
 
 
-def _serve_sync(conn: mp.connection.Connection, max_payload: int) -> None:
+def _add_port(server: Any, keys: Path | None) -> int:
+    if keys is None:
+        return int(server.add_insecure_port("127.0.0.1:0"))
+    return int(server.add_secure_port("127.0.0.1:0", Security.load(keys).server_credentials()))
+
+
+def _serve_sync(conn: mp.connection.Connection, max_payload: int, keys: Path | None) -> None:
     with futures.ThreadPoolExecutor(max_workers=2) as pool:
         server = grpc.server(pool, options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((_generic_handler(_Sink(max_payload), aio=False),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = _add_port(server, keys)
         server.start()
         try:
             conn.send(port)
@@ -393,10 +432,10 @@ def _serve_sync(conn: mp.connection.Connection, max_payload: int) -> None:
             server.stop(grace=None).wait()
 
 
-async def _serve_aio(conn: mp.connection.Connection, max_payload: int) -> None:
+async def _serve_aio(conn: mp.connection.Connection, max_payload: int, keys: Path | None) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((_generic_handler(_Sink(max_payload), aio=True),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = _add_port(server, keys)
     await server.start()
     try:
         conn.send(port)
@@ -405,14 +444,25 @@ async def _serve_aio(conn: mp.connection.Connection, max_payload: int) -> None:
         await server.stop(grace=None)
 
 
+def _channel(api: Any, address: str, credentials: grpc.ChannelCredentials | None) -> Any:
+    """A ``grpc`` or ``grpc.aio`` channel: plaintext, or TLS checked as dsgd's clients do."""
+    if credentials is None:
+        return api.insecure_channel(address, options=GRPC_OPTIONS)
+    return api.secure_channel(address, credentials, options=GRPC_OPTIONS + TLS_CHANNEL_OPTIONS)
+
+
 class GrpcPeer:
     """A channel to a :func:`grpc_server` process of the same flavor (``sync`` or ``aio``).
 
     The ``aio`` flavor drives its channel from a private event loop, one
     ``run_until_complete`` per transfer, so sync and aio cases interleave in one round.
+    With ``keys`` (a key directory) both ends speak mutual TLS and every call carries the
+    cluster token, as dsgd's control plane does under ``--secure``.
     """
 
-    def __init__(self, flavor: str, max_payload: int, timeout_s: float) -> None:
+    def __init__(
+        self, flavor: str, max_payload: int, timeout_s: float, keys: Path | None = None
+    ) -> None:
         if flavor not in ("sync", "aio"):
             raise ValueError(f"unknown gRPC flavor {flavor!r}")
         self.flavor = flavor
@@ -421,7 +471,7 @@ class GrpcPeer:
         self.channel: Any = None
         self._conn, child = SPAWN.Pipe()
         self.process = SPAWN.Process(
-            target=grpc_server, args=(flavor, child, max_payload), daemon=True
+            target=grpc_server, args=(flavor, child, max_payload, keys), daemon=True
         )
         try:
             try:
@@ -431,19 +481,22 @@ class GrpcPeer:
             if not self._conn.poll(timeout_s):
                 raise TimeoutError(f"gRPC {flavor} server did not report its port")
             address = f"127.0.0.1:{self._conn.recv()}"
+            credentials = None if keys is None else Security.load(keys).channel_credentials()
             if flavor == "sync":
-                self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+                self.channel = _channel(grpc, address, credentials)
                 grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
             else:
                 self.loop = asyncio.new_event_loop()
-                self.channel = self.loop.run_until_complete(self._open_aio(address))
+                self.channel = self.loop.run_until_complete(self._open_aio(address, credentials))
             self._calls = {name: self._callable(name, pb) for name, (_, pb) in GRPC_METHODS.items()}
         except BaseException:
             self.close()
             raise
 
-    async def _open_aio(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    async def _open_aio(
+        self, address: str, credentials: grpc.ChannelCredentials | None
+    ) -> grpc.aio.Channel:
+        channel: grpc.aio.Channel = _channel(grpc.aio, address, credentials)
         try:
             await asyncio.wait_for(channel.channel_ready(), self.timeout_s)
         except BaseException:
@@ -476,8 +529,12 @@ class GrpcPeer:
         call = self._calls["StreamPb" if pb else "Stream"]
         if self.loop is None:
             call(iter(requests()), timeout=self.timeout_s)
-        else:
-            self.loop.run_until_complete(call(iter(requests()), timeout=self.timeout_s))
+            return
+
+        async def streamed() -> None:  # the call is made on the loop it runs on
+            await call(iter(requests()), timeout=self.timeout_s)
+
+        self.loop.run_until_complete(streamed())
 
     def close(self) -> None:
         if self.channel is not None:

@@ -23,6 +23,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from bench._netns import LOOPBACK, run_in
 from dsgd import wire
 from dsgd.codec import Encoded
 from dsgd.optim import SGD
+from dsgd.security import Security
 from dsgd.shard.client import PushResult, ShardClient
 from dsgd.shard.core import ShardCore, ShardState
 from dsgd.shard.server import ShardServer
@@ -58,11 +60,12 @@ def shard_process(
     lr: float,
     chunk_bytes: int,
     host: str = LOOPBACK,
+    keys: Path | None = None,
 ) -> None:
     """A real ShardServer serving ``size`` float32 parameters on ``host`` until told to
-    stop."""
+    stop; secured with the key directory ``keys`` (CURVE, admitting its members) if given."""
     try:
-        asyncio.run(_serve_shard(conn, shard_id, size, lr, chunk_bytes, host))
+        asyncio.run(_serve_shard(conn, shard_id, size, lr, chunk_bytes, host, keys))
     finally:
         conn.close()
 
@@ -74,12 +77,14 @@ async def _serve_shard(
     lr: float,
     chunk_bytes: int,
     host: str,
+    keys: Path | None,
 ) -> None:
     optimizer = SGD(lr)
     params = np.full(size, 0.0, np.float32)  # np.full writes every page: faulted in now
     state = ShardState(params, optimizer.init(size))
     core = ShardCore(shard_id, FINGERPRINT, optimizer, state, chunk_bytes=chunk_bytes)
-    async with ShardServer(core, host=host) as server:
+    security = None if keys is None else Security.load(keys)
+    async with ShardServer(core, host=host, security=security) as server:
         conn.send((server.data_address, server.pub_address))
         # A thread answers stats requests: a saturated shard loop never yields to other
         # tasks (a zmq.asyncio recv that finds a message queued completes without
@@ -106,7 +111,8 @@ class ShardPeer:
     """A :func:`shard_process` of ``size`` parameters; :meth:`wait_ready` for its addresses.
 
     Start several, then wait for them, so they boot in parallel. ``at`` (network
-    namespace, address) puts it on another host (:mod:`bench._netns`).
+    namespace, address) puts it on another host (:mod:`bench._netns`); ``keys`` (a key
+    directory) secures it as ``--secure`` does.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class ShardPeer:
         lr: float = 1e-6,
         chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
         at: tuple[str | None, str] = (None, LOOPBACK),
+        keys: Path | None = None,
     ) -> None:
         self.size = size
         self.shard_id = shard_id
@@ -128,7 +135,7 @@ class ShardPeer:
         netns, host = at
         self.process: Any = SPAWN.Process(
             target=run_in,
-            args=(netns, shard_process, child, shard_id, size, lr, chunk_bytes, host),
+            args=(netns, shard_process, child, shard_id, size, lr, chunk_bytes, host, keys),
             daemon=True,
         )
         try:

@@ -1,7 +1,7 @@
 """The parameter-server cycle: what a worker runs many times a second, pull then push.
 
     python -m bench.ps_cycle --params P --workers W --shards S [--seconds 15] [--warmup 3]
-                             [--out FILE]
+                             [--secure] [--out FILE]
     python -m bench.ps_cycle --matrix [--reps 3] [--quick] --out FILE   # + FILE's .png
 
 ``--matrix`` runs every configuration of P = 1M, 10M x S = 1, 2 x W = 1, 2, 4 (``--quick``:
@@ -24,7 +24,11 @@ Two servers run the same workload in the same invocation:
 - ``tcp``: the reference, a plain-TCP parameter server with one thread per connection,
   ``sendall`` and ``recv_into`` preallocated buffers, one lock around each apply.
 
-Both are checked afterwards: the first 4096 parameters must equal ``-lr * sum_w n_w * g_w``
+With ``--secure`` a third runs too, ``dsgd_curve``: dsgd's shards and clients secured as
+``--secure`` secures them (CURVE, an admission check per connection), and the result
+carries its ratio to plain dsgd, ``curve_ratio``, the cost of encryption on the cycle.
+
+All are checked afterwards: the first 4096 parameters must equal ``-lr * sum_w n_w * g_w``
 (no update lost or applied twice, n_w the pushes worker w saw acknowledged), and for dsgd
 every shard's own push count must equal the acknowledged pushes. The result (one JSON
 document) carries both figures and dsgd's ratio to the reference.
@@ -99,18 +103,21 @@ async def _dsgd_cycles(
     warmup: float,
     seconds: float,
     chunk_bytes: int,
+    keys: Path | None,
 ) -> dict[str, Any]:
     import secrets
 
     import zmq.asyncio
 
+    from dsgd.security import Security
     from dsgd.shard.client import PushResult, ShardClient
 
     grad = gradient(worker, size)
     params = np.zeros(size, np.float32)
     ctx = zmq.asyncio.Context()
+    security = None if keys is None else Security.load(keys)
     clients = [
-        ShardClient(k, data, pub, FINGERPRINT, worker, ctx, ack_timeout=TIMEOUT)
+        ShardClient(k, data, pub, FINGERPRINT, worker, ctx, ack_timeout=TIMEOUT, security=security)
         for k, (_, _, data, pub) in enumerate(shards)
     ]
     incarnation = secrets.randbits(62) + 1
@@ -312,7 +319,8 @@ def _figures(results: list[dict[str, Any]], size: int, seconds: float) -> dict[s
     }
 
 
-def run_dsgd(args: argparse.Namespace) -> dict[str, Any]:
+def run_dsgd(args: argparse.Namespace, keys: Path | None = None) -> dict[str, Any]:
+    """dsgd's shards and clients, secured with the key directory ``keys`` if given."""
     bounds = ranges(args.params, args.shards)
     peers = [
         ShardPeer(
@@ -322,6 +330,7 @@ def run_dsgd(args: argparse.Namespace) -> dict[str, Any]:
             lr=LR,
             chunk_bytes=args.chunk_bytes,
             at=args.placement.server(k),
+            keys=keys,
         )
         for k, (start, stop) in enumerate(bounds)
     ]
@@ -332,11 +341,11 @@ def run_dsgd(args: argparse.Namespace) -> dict[str, Any]:
             (a, b, p.data_address, p.pub_address) for (a, b), p in zip(bounds, peers, strict=True)
         ]
         results = _run_workers(
-            dsgd_worker, args.workers, args.params, shards, args, args.chunk_bytes
+            dsgd_worker, args.workers, args.params, shards, args, args.chunk_bytes, keys
         )
         figures = _figures(results, args.params, args.seconds)
         applied = [int(peer.stats()["pushes"]) for peer in peers]
-        head = _dsgd_head(shards[0], bounds[0])
+        head = _dsgd_head(shards[0], bounds[0], keys)
     finally:
         for peer in peers:
             peer.close()
@@ -349,15 +358,22 @@ def run_dsgd(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-def _dsgd_head(shard: tuple[int, int, str, str], bounds: tuple[int, int]) -> np.ndarray:
+def _dsgd_head(
+    shard: tuple[int, int, str, str], bounds: tuple[int, int], keys: Path | None
+) -> np.ndarray:
     """The first CHECKED parameters of shard 0, fetched as a worker would."""
     import zmq.asyncio
 
+    from dsgd.security import Security
     from dsgd.shard.client import ShardClient
+
+    security = None if keys is None else Security.load(keys)
 
     async def fetch() -> np.ndarray:
         ctx = zmq.asyncio.Context()
-        client = ShardClient(0, shard[2], shard[3], FINGERPRINT, 999, ctx, fetch_timeout=TIMEOUT)
+        client = ShardClient(
+            0, shard[2], shard[3], FINGERPRINT, 999, ctx, fetch_timeout=TIMEOUT, security=security
+        )
         dest = np.empty(bounds[1] - bounds[0], np.float32)
         try:
             await client.start()
@@ -413,9 +429,19 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """One configuration: the reference, then dsgd, then the ratio."""
+    """One configuration: the reference, then dsgd (and, with ``args.keys``, dsgd secured),
+    then the ratios."""
     tcp = run_tcp(args)
     dsgd = run_dsgd(args)
+    secured: dict[str, Any] = {}
+    if getattr(args, "keys", None) is not None:
+        curve = run_dsgd(args, args.keys)
+        secured = {
+            "dsgd_curve": curve,
+            "curve_ratio": curve["cycles_per_s"] / dsgd["cycles_per_s"]
+            if dsgd["cycles_per_s"]
+            else None,
+        }
     return {
         "benchmark": "ps_cycle",
         "hosts": args.placement.label,
@@ -427,6 +453,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "dsgd": dsgd,
         "tcp": tcp,
         "ratio": dsgd["cycles_per_s"] / tcp["cycles_per_s"] if tcp["cycles_per_s"] else None,
+        **secured,
     }
 
 
@@ -438,7 +465,11 @@ QUICK_WINDOW = (3.0, 1.0)  # seconds, warm-up
 
 
 def configurations(
-    quick: bool, seconds: float, warmup: float, placement: Placement = ONE_HOST
+    quick: bool,
+    seconds: float,
+    warmup: float,
+    placement: Placement = ONE_HOST,
+    keys: Path | None = None,
 ) -> list[argparse.Namespace]:
     grid = QUICK_MATRIX if quick else MATRIX
     if quick:
@@ -452,6 +483,7 @@ def configurations(
             warmup=warmup,
             chunk_bytes=wire.DEFAULT_CHUNK_BYTES,
             placement=placement,
+            keys=keys,
         )
         for p in grid["params"]
         for s in grid["shards"]
@@ -466,10 +498,12 @@ def run_matrix(
     warmup: float = 3.0,
     log: Any = print,
     placement: Placement = ONE_HOST,
+    keys: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Every configuration ``reps`` times, one repetition of all before the next."""
+    """Every configuration ``reps`` times, one repetition of all before the next; with
+    ``keys``, dsgd secured with them too."""
     runs = []
-    configs = configurations(quick, seconds, warmup, placement)
+    configs = configurations(quick, seconds, warmup, placement, keys)
     for rep in range(reps):
         for config in configs:
             result = measure(config)
@@ -479,6 +513,7 @@ def run_matrix(
                 f"  rep {rep + 1}/{reps} P={config.params} S={config.shards} "
                 f"W={config.workers}: dsgd {result['dsgd']['cycles_per_s']:.1f} cycles/s, "
                 f"plain TCP {result['tcp']['cycles_per_s']:.1f}, ratio {result['ratio']:.2f}"
+                + (f", CURVE/plain {result['curve_ratio']:.2f}" if "curve_ratio" in result else "")
             )
     return runs
 
@@ -493,15 +528,18 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (params, shards, workers), same in groups.items():
         row: dict[str, Any] = {"params": params, "shards": shards, "workers": workers}
         row["reps"] = len(same)
-        for server in ("dsgd", "tcp"):
+        servers = [s for s in ("dsgd", "tcp", "dsgd_curve") if all(s in r for r in same)]
+        for server in servers:
             rates = [r[server]["cycles_per_s"] for r in same]
             row[server] = {"median": median(rates), "min": min(rates), "max": max(rates)}
-        ratios = [r["ratio"] for r in same if r["ratio"] is not None]
-        row["ratio"] = {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
+        for ratio in ("ratio", "curve_ratio"):
+            ratios = [r[ratio] for r in same if r.get(ratio) is not None]
+            if ratios:
+                row[ratio] = {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
         row["correct"] = all(
             r[server]["head_exact"] and r[server]["pushes_match"]
             for r in same
-            for server in ("dsgd", "tcp")
+            for server in servers
         )
         rows.append(row)
     return rows
@@ -644,6 +682,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="each server and worker in a network namespace of its own (root): across hosts",
     )
     parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="also run dsgd secured (CURVE, as --secure DIR does), for the cost of encryption",
+    )
+    parser.add_argument(
         "--shape",
         metavar="RATE[,DELAY]",
         help="with --hosts: every link's rate (and delay, where the kernel has netem): 1gbit",
@@ -662,14 +705,27 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         if args.hosts:
             args.placement = _across_hosts(stack, args)
+        args.keys = new_keys(stack) if args.secure else None
         if args.matrix:
             return matrix_main(args)
         result = measure(args)
     if args.out is not None:
         write_json(args.out, result)
     print(json.dumps(result))
-    ok = all(result[s]["head_exact"] and result[s]["pushes_match"] for s in ("dsgd", "tcp"))
+    servers = [s for s in ("dsgd", "tcp", "dsgd_curve") if s in result]
+    ok = all(result[s]["head_exact"] and result[s]["pushes_match"] for s in servers)
     return 0 if ok else 1
+
+
+def new_keys(stack: contextlib.ExitStack) -> Path:
+    """A new cluster's key directory (removed when ``stack`` closes)."""
+    import tempfile
+
+    from dsgd import keys
+
+    directory = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "keys"
+    keys.init(directory, [])
+    return directory
 
 
 def _across_hosts(stack: contextlib.ExitStack, args: argparse.Namespace) -> Placement:
@@ -703,7 +759,9 @@ def matrix_main(args: argparse.Namespace) -> int:
     from bench._measure import machine_info, package_versions
 
     started = time.perf_counter()
-    runs = run_matrix(args.reps, args.quick, args.seconds, args.warmup, placement=args.placement)
+    runs = run_matrix(
+        args.reps, args.quick, args.seconds, args.warmup, placement=args.placement, keys=args.keys
+    )
     rows = summarize(runs)
     doc = {
         "benchmark": "ps_cycle_matrix",
@@ -721,6 +779,11 @@ def matrix_main(args: argparse.Namespace) -> int:
             f"P={row['params']} S={row['shards']} W={row['workers']}: ratio "
             f"{row['ratio']['median']:.2f} ({row['ratio']['min']:.2f}-{row['ratio']['max']:.2f}), "
             f"dsgd {row['dsgd']['median']:.1f} cycles/s, plain TCP {row['tcp']['median']:.1f}"
+            + (
+                f", CURVE/plain dsgd {row['curve_ratio']['median']:.2f}"
+                if "curve_ratio" in row
+                else ""
+            )
         )
     if args.out is not None:
         write_json(args.out, doc)

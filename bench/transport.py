@@ -20,10 +20,15 @@ interleaved round by round:
 * ``ps_cycle``: the pull-push cycle of 1, 2 and 4 workers against dsgd's shards and against
   a plain-TCP parameter server, 1M and 10M parameters, one shard or two
   (:mod:`bench.ps_cycle`; its records' ratio is to that server, not to raw TCP);
-* ``apply``: a shard's dense apply vs memcpy, and sparse apply per touched parameter.
+* ``apply``: a shard's dense apply vs memcpy, and sparse apply per touched parameter;
+* ``secure``: what ``--secure`` costs: ZeroMQ with and without CURVE (tcp and ipc, dsgd's
+  framing in 1 MiB chunks), gRPC with and without mutual TLS (aio unary and client
+  stream), and the pull-push cycle against dsgd's shards plain and with CURVE; each
+  secured record carries ``ratio_to_plain`` and ``extra_ns_per_byte``.
 
 It writes ``transport.json``, ``transport.md``, ``transport_chunks.png``,
-``transport_dsgd.png``, ``transport_ps.png`` and ``transport_ps_cycle.png`` into ``--out``,
+``transport_dsgd.png``, ``transport_ps.png``, ``transport_ps_cycle.png`` and
+``transport_secure.png`` into ``--out``,
 says which chunk size is fastest for dsgd's own framing, and whether dsgd's data path
 meets its targets. See bench/README.md.
 
@@ -37,6 +42,7 @@ bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +50,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import msgpack
@@ -52,6 +59,7 @@ from google.protobuf import wrappers_pb2
 
 from bench import _report
 from bench._apply import apply_suite, dense_apply_target, sparse_apply_target
+from bench._common import pyplot
 from bench._dsgd_paths import dense_push_target, dsgd_suite, full_fetch_target, plot_paths
 from bench._measure import (
     Bench,
@@ -61,9 +69,11 @@ from bench._measure import (
     MiB,
     Record,
     machine_info,
+    make_record,
     measure,
     package_versions,
 )
+from bench._netns import ONE_HOST
 from bench._peers import (
     TCP_FRESH,
     TCP_REUSED,
@@ -79,8 +89,9 @@ from bench._peers import (
 )
 from bench._ps import ps_suite
 from bench._report import MEMCPY_FRESH, MEMCPY_REUSED, TCP_FRESH_VARIANT, TCP_REUSED_VARIANT
+from bench.ps_cycle import measure as measure_cycle
+from bench.ps_cycle import new_keys, ps_cycle_suite
 from bench.ps_cycle import plot_records as plot_cycles
-from bench.ps_cycle import ps_cycle_suite
 from dsgd import wire
 
 Suite = Callable[[Bench], Iterable[Record]]
@@ -115,6 +126,8 @@ QUICK_CHUNKS = (64 * KiB, 1 * MiB, 8 * MiB)
 REFERENCE_CHUNK = 1 * MiB  # the raw-TCP reference every ratio divides by
 DSGD_PNG = "transport_dsgd.png"
 CYCLE_PNG = "transport_ps_cycle.png"
+SECURE_PNG = "transport_secure.png"
+PLAIN, CURVE, TLS = "plain", "CURVE", "mutual TLS + token"
 
 
 def nchunks(payload: int, chunk: int) -> int:
@@ -266,6 +279,147 @@ def framing_suite(bench: Bench) -> Iterator[Record]:
         yield from bench.measure("framing", cases)
 
 
+def secure_suite(bench: Bench) -> Iterator[Record]:
+    """Each secured path beside the same path in the clear, interleaved: ZeroMQ with CURVE
+    (as a secured shard and worker speak), gRPC with mutual TLS and the token (as the
+    control plane and checkpoints), and the pull-push cycle of dsgd's shards and clients."""
+    config = bench.config
+    values = np.ones(config.payload_bytes // 4, np.float32)
+    chunk = min(wire.DEFAULT_CHUNK_BYTES, config.payload_bytes)
+    count = nchunks(config.payload_bytes, chunk)
+    with contextlib.ExitStack() as stack:
+        keys = new_keys(stack)
+        cases = []
+        for variant, curve in ((PLAIN, False), (CURVE, True)):
+            peer = stack.enter_context(ZmqPeer(config.payload_bytes, config.timeout_s, curve=curve))
+            for transport in ("tcp", "ipc"):
+                messages = _dense_messages(values, chunk)
+                run = _zmq_run(peer, transport, ZMQ_INTO, count, messages, False)
+                cases.append(Case(f"zmq-{transport}", variant, chunk, run))
+        requests = _chunk_bytes(values, chunk)
+        for variant, key_dir in ((PLAIN, None), (TLS, keys)):
+            grpc_peer = stack.enter_context(
+                GrpcPeer("aio", config.payload_bytes, config.timeout_s, keys=key_dir)
+            )
+            for call, run in (("unary", grpc_peer.unary), ("client stream", grpc_peer.stream)):
+                cases.append(Case(f"grpc aio {call}", variant, chunk, partial(run, requests)))
+        records = bench.measure("secure", cases)
+        yield from _against_plain(records)
+        yield from _against_plain(list(_secure_cycles(config, keys)))
+
+
+def _secure_cycles(config: Config, keys: Path) -> Iterator[Record]:
+    """The pull-push cycle against one dsgd shard, plain and with CURVE, 1 and 2 workers
+    (``bench.ps_cycle``; 10M parameters, 3 repetitions; ``--quick``: 1M, 1 worker, once)."""
+    params = 1_000_000 if config.quick else 10_000_000
+    seconds, warmup = (2.0, 0.5) if config.quick else (10.0, 2.0)
+    reps = 1 if config.quick else 3
+    for workers in (1,) if config.quick else (1, 2):
+        runs = []
+        for _ in range(reps):
+            setting = argparse.Namespace(
+                params=params,
+                shards=1,
+                workers=workers,
+                seconds=seconds,
+                warmup=warmup,
+                chunk_bytes=wire.DEFAULT_CHUNK_BYTES,
+                placement=ONE_HOST,
+                keys=keys,
+            )
+            runs.append(measure_cycle(setting))
+        for variant, server in ((PLAIN, "dsgd"), (CURVE, "dsgd_curve")):
+            rates = [r[server]["cycles_per_s"] for r in runs]
+            yield make_record(
+                "secure",
+                "dsgd cycle",
+                f"{variant}, {workers} worker{'s' if workers > 1 else ''}",
+                8 * params,  # a cycle moves the vector twice
+                wire.DEFAULT_CHUNK_BYTES,
+                [1.0 / rate for rate in rates if rate > 0],
+                params=params,
+                workers=workers,
+                cycles_per_s=median(rates),
+                correct=all(r[server]["head_exact"] and r[server]["pushes_match"] for r in runs),
+            )
+
+
+def _against_plain(records: list[Record]) -> Iterator[Record]:
+    """Each secured record with ``ratio_to_plain`` (its GB/s over the plain record of the
+    same path) and ``extra_ns_per_byte`` (what securing adds per byte moved)."""
+    plain = {
+        (r["transport"], r["variant"].replace(PLAIN, "")): r
+        for r in records
+        if r["variant"].startswith(PLAIN)
+    }
+    for record in records:
+        variant = record["variant"]
+        for secured in (CURVE, TLS):
+            if variant.startswith(secured):
+                base = plain[(record["transport"], variant.replace(secured, ""))]
+                record["ratio_to_plain"] = record["gbps_median"] / base["gbps_median"]
+                record["extra_ns_per_byte"] = 1 / record["gbps_median"] - 1 / base["gbps_median"]
+        yield record
+
+
+def plot_secure(records: list[Record], path: Path) -> bool:
+    """GB/s of each path in the clear and secured, side by side; False without records."""
+    mine = [r for r in records if r["suite"] == "secure"]
+    if not mine:
+        return False
+    plt = pyplot()
+    paths = list(dict.fromkeys((r["transport"], _path_of(r["variant"])) for r in mine))
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.4
+    for offset, secured in ((-width / 2, False), (width / 2, True)):
+        heights, lows, highs = [], [], []
+        for transport, tail in paths:
+            match = [
+                r
+                for r in mine
+                if r["transport"] == transport
+                and _path_of(r["variant"]) == tail
+                and r["variant"].startswith(PLAIN) != secured
+            ]
+            r = match[0] if match else None
+            heights.append(r["gbps_median"] if r else 0.0)
+            lows.append(max(0.0, r["gbps_median"] - r["gbps_min"]) if r else 0.0)
+            highs.append(max(0.0, r["gbps_max"] - r["gbps_median"]) if r else 0.0)
+        xs = [i + offset for i in range(len(paths))]
+        bars = ax.bar(
+            xs,
+            heights,
+            width,
+            yerr=[lows, highs],
+            capsize=3,
+            label="secured (CURVE; gRPC: mutual TLS + token)" if secured else "plain",
+        )
+        if secured:
+            plain_heights = [b.get_height() for b in ax.patches[: len(paths)]]
+            for bar, h, p in zip(bars, heights, plain_heights, strict=True):
+                if p:
+                    ax.annotate(
+                        f"{h / p:.2f}x", (bar.get_x() + width / 2, h), ha="center", va="bottom"
+                    )
+    ax.set_xticks(range(len(paths)))
+    ax.set_xticklabels([f"{t}{tail}" for t, tail in paths], rotation=15, fontsize=8)
+    ax.set_ylabel("GB/s (median; bars min..max)")
+    ax.set_title("What --secure costs: each path in the clear and secured (label: secured/plain)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _path_of(variant: str) -> str:
+    for name in (PLAIN, CURVE, TLS):
+        if variant.startswith(name):
+            return variant[len(name) :]
+    return variant
+
+
 # Suites run in this order; "ceiling" always runs. To add one, write
 # `def my_suite(bench: Bench) -> Iterable[Record]` that builds Cases and
 # `yield from bench.measure("my", cases)` (or yields `make_record(...)`s), and list it here.
@@ -278,6 +432,7 @@ SUITES: dict[str, Suite] = {
     "ps": ps_suite,
     "ps_cycle": ps_cycle_suite,
     "apply": apply_suite,
+    "secure": secure_suite,
 }
 
 
@@ -380,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs.append(args.out / DSGD_PNG)
     if plot_cycles(records, args.out / CYCLE_PNG):
         outputs.append(args.out / CYCLE_PNG)
+    if plot_secure(records, args.out / SECURE_PNG):
+        outputs.append(args.out / SECURE_PNG)
     print()
     print(_report.headline(doc))
     print(f"finished in {doc['elapsed_s']:.1f} s; wrote {', '.join(str(p) for p in outputs)}")

@@ -54,7 +54,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # about 90 s here; a bound on a hang, not a timing
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ResourceWarning" not in proc.stderr, proc.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_quick_run_writes_valid_json(quick_run: tuple[Path, str]) -> None:
     assert records
     for record in records:
         check_record(record)
-    assert {"ceiling", "zmq", "grpc", "framing", "dsgd", "ps", "apply"} <= {
+    assert {"ceiling", "zmq", "grpc", "framing", "dsgd", "ps", "apply", "secure"} <= {
         r["suite"] for r in records
     }
     assert {"memcpy", "tcp", "zmq-tcp", "zmq-ipc", "grpc"} <= {r["transport"] for r in records}
@@ -85,6 +85,17 @@ def test_quick_run_writes_valid_json(quick_run: tuple[Path, str]) -> None:
     assert not any(r["chunks_not_applied"] for r in ps)  # every pushed chunk was applied
     paths = {r["path"] for r in records if r["suite"] == "dsgd"}
     assert {"push dense float32", "fetch full range", "push sparse 1%"} <= paths
+    # every secured path is measured beside the same path in the clear, and still correct
+    secured = [r for r in records if r["suite"] == "secure" and "ratio_to_plain" in r]
+    assert {r["transport"] for r in secured} == {
+        "zmq-tcp",
+        "zmq-ipc",
+        "grpc aio unary",
+        "grpc aio client stream",
+        "dsgd cycle",
+    }
+    assert all(r["ratio_to_plain"] > 0 for r in secured)
+    assert all(r["correct"] for r in records if r["transport"] == "dsgd cycle")
     # each target is judged in every run (at --quick sizes, only as a smoke test)
     assert len(doc["targets"]) == 4
     for target in doc["targets"]:
@@ -102,6 +113,7 @@ def test_quick_run_writes_markdown_and_chart_and_names_the_best_chunk(
     assert "DEFAULT_CHUNK_BYTES" in stdout
     assert (out / _report.PS_PNG).read_bytes().startswith(PNG_MAGIC)
     assert (out / "transport_dsgd.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "transport_secure.png").read_bytes().startswith(PNG_MAGIC)
     assert "targets (ratios within this run" in stdout
 
 
@@ -221,10 +233,11 @@ def test_time_to_a_fixed_accuracy_counts_training_from_the_first_step(tmp_path: 
 
 
 def test_the_cycle_benchmark_checks_that_no_update_is_lost_or_doubled(tmp_path: Path) -> None:
-    """A short run of the pull-push cycle against dsgd's shards and the plain-TCP reference:
-    both servers applied exactly the acknowledged pushes, and the ratio is theirs."""
+    """A short run of the pull-push cycle against dsgd's shards (plain and secured with
+    CURVE) and the plain-TCP reference: every server applied exactly the acknowledged
+    pushes, and the ratios are theirs."""
     out = tmp_path / "cycle.json"
-    argv = ["--params", "50000", "--workers", "2", "--shards", "2", "--seconds", "1"]
+    argv = ["--params", "50000", "--workers", "2", "--shards", "2", "--seconds", "1", "--secure"]
     proc = subprocess.run(
         [sys.executable, "-m", "bench.ps_cycle", *argv, "--warmup", "0.5", "--out", str(out)],
         cwd=ROOT,
@@ -234,12 +247,14 @@ def test_the_cycle_benchmark_checks_that_no_update_is_lost_or_doubled(tmp_path: 
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    for server in ("dsgd", "tcp"):
+    for server in ("dsgd", "tcp", "dsgd_curve"):
         figures = doc[server]
         assert figures["head_exact"] and figures["pushes_match"], figures
         assert figures["shard_pushes"] == [sum(figures["acknowledged"])] * 2
         assert figures["pulls"] > 0 and figures["cycles_per_s"] > 0
     assert doc["ratio"] == pytest.approx(doc["dsgd"]["cycles_per_s"] / doc["tcp"]["cycles_per_s"])
+    curve = doc["dsgd_curve"]["cycles_per_s"] / doc["dsgd"]["cycles_per_s"]
+    assert doc["curve_ratio"] == pytest.approx(curve)
 
 
 def test_shaped_link_rows_divide_each_step_time_by_the_unshaped_links(tmp_path: Path) -> None:
