@@ -35,6 +35,7 @@ class TrainConfig:
     model_args: str = ""  # NAME=VALUE,... keywords for the model factory
     num_workers: int = 2
     num_shards: int = 2
+    replicas: int = 1  # processes holding each shard's range: a primary and replicas-1 backups
     optimizer: str = "adagrad"
     lr: float = 0.05
     momentum: float = 0.9  # of --optimizer momentum and nesterov
@@ -86,6 +87,7 @@ class TrainConfig:
         parse_model_args(self.model_args)
         need(self.num_workers >= 1, f"--workers must be >= 1, got {self.num_workers}")
         need(self.num_shards >= 1, f"--shards must be >= 1, got {self.num_shards}")
+        need(1 <= self.replicas <= 8, f"--replicas must be 1..8, got {self.replicas}")
         need(
             self.optimizer in OPTIMIZERS,
             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
@@ -262,6 +264,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--workers", dest="num_workers", type=int, default=d.num_workers, help="model replicas")
     add("--shards", dest="num_shards", type=int, default=d.num_shards, help="parameter shards")
+    add(
+        "--replicas",
+        type=int,
+        default=d.replicas,
+        help="processes per shard range: a primary and REPLICAS-1 backups that fail over",
+    )
     add("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="server-side optimizer")
     add("--lr", type=float, default=d.lr, help="server learning rate")
     add("--momentum", type=float, default=d.momentum, help="for momentum and nesterov")

@@ -33,7 +33,7 @@ from prometheus_client.core import (
 
 from dsgd.errors import ConfigError
 from dsgd.proto import control_pb2 as pb
-from dsgd.stats import STALENESS_EDGES, StalenessHistogram
+from dsgd.stats import ACKED_PREFIX, STALENESS_EDGES, StalenessHistogram
 
 log = logging.getLogger("dsgd.metrics")
 
@@ -96,7 +96,7 @@ class MemberCollector:
         yield steps
         for key in sorted(stats.counters):
             name = metric_name(key)
-            if not name:
+            if not name or key.startswith(ACKED_PREFIX):  # bookkeeping per incarnation
                 continue
             level = key in LEVELS or key.startswith("staleness_")
             kind = GaugeMetricFamily if level else CounterMetricFamily

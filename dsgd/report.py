@@ -14,13 +14,18 @@ def _members(status: pb.ClusterStatus, role: int) -> list[pb.MemberStatus]:
     return [m for m in status.members if m.role == role]
 
 
+def _primaries(status: pb.ClusterStatus) -> list[pb.MemberStatus]:
+    """Each shard range's primary (the range itself when it is not replicated)."""
+    return sorted((m for m in _members(status, pb.ROLE_SHARD) if m.primary), key=lambda m: m.id)
+
+
 def _counter(members: list[pb.MemberStatus], name: str) -> float:
     return sum(m.stats.counters.get(name, 0.0) for m in members)
 
 
 def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
     """The one-line JSON summary of a finished run."""
-    shards = sorted(_members(status, pb.ROLE_SHARD), key=lambda m: m.id)
+    shards = _primaries(status)
     workers = _members(status, pb.ROLE_WORKER)
     last = status.history[-1] if status.history else None
     periodic = [h for h in status.history if not h.final]
@@ -64,6 +69,8 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
         "evaluations": len(status.history),
         "eval_seconds": round(_counter(evaluators, "eval_seconds"), 3),
         "peak_rss_mb": _peak_rss(status),
+        "failovers": int(status.failovers),
+        "lost_acknowledged_pushes": {str(k): int(v) for k, v in sorted(status.lost_pushes.items())},
     } | {f"staleness_{q}": _worst(shards, f"staleness_{q}") for q in ("p50", "p90", "p99")}
 
 
@@ -92,7 +99,7 @@ def _worst(members: list[pb.MemberStatus], name: str) -> float:
 
 def progress_line(status: pb.ClusterStatus) -> str:
     """One line of live progress: accuracy, update rates, shard versions, liveness."""
-    shards = sorted(_members(status, pb.ROLE_SHARD), key=lambda m: m.id)
+    shards = _primaries(status)
     workers = _members(status, pb.ROLE_WORKER)
     alive = sum(1 for w in workers if w.state in ("alive", "suspect"))
     metric = _target_metric(status)
@@ -112,6 +119,13 @@ def progress_line(status: pb.ClusterStatus) -> str:
     if status.waiting_for:
         line += f" | waiting for {status.waiting_for}"
     return line
+
+
+def _member_id(m: pb.MemberStatus) -> str:
+    """A member's id; a replicated shard's with its replica, the primary starred."""
+    if m.role != pb.ROLE_SHARD or (m.replica == 0 and m.primary):
+        return str(m.id)
+    return f"{m.id} r{m.replica}{' primary' if m.primary else ''}"
 
 
 def status_table(status: pb.ClusterStatus) -> str:
@@ -139,7 +153,7 @@ def status_table(status: pb.ClusterStatus) -> str:
     rows += [
         (
             ROLE_NAMES.get(m.role, "?"),
-            str(m.id),
+            _member_id(m),
             m.state,
             str(m.stats.version),
             str(m.stats.step),

@@ -13,6 +13,10 @@ import numpy as np
 # Staleness histogram buckets: [0], [1], [2, 3], [4, 7], ... [512, inf)
 STALENESS_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+# a worker's heartbeat counters acked_shard{K}_{incarnation}: the highest version shard K
+# acknowledged to it per shard incarnation, for counting pushes a restart lost
+ACKED_PREFIX = "acked_shard"
+
 
 def peak_rss_bytes() -> float:
     """This process's peak resident set size, in bytes (``ru_maxrss``)."""

@@ -81,7 +81,7 @@ class Child:
 
     @property
     def role(self) -> str:
-        return self.name.rstrip("0123456789")
+        return self.name.rstrip("0123456789").split("-")[0].rstrip("0123456789")
 
     def start(self) -> None:
         self.ready_path.unlink(missing_ok=True)
@@ -275,12 +275,18 @@ class Supervisor:
         self._channel = blocking_channel(self.coordinator_address, self.security)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         join = ["--coordinator", self.coordinator_address]
+        replicas = self.config.replicas
         for k in range(self.config.num_shards):
-            self.spawn(
-                f"shard{k}",
-                [*python, "dsgd.shard", *join, "--shard-id", str(k)]
-                + ["--checkpoint-dir", str(self.checkpoint_dir)],
-            )
+            for j in range(replicas):  # shard{k}, or shard{k}-r{j} for a replicated range
+                own = ["--replica", str(j)] if replicas > 1 else []
+                checkpoints = (
+                    self.checkpoint_dir / f"replica{j}" if replicas > 1 else self.checkpoint_dir
+                )
+                self.spawn(
+                    f"shard{k}" + (f"-r{j}" if replicas > 1 else ""),
+                    [*python, "dsgd.shard", *join, "--shard-id", str(k), *own]
+                    + ["--checkpoint-dir", str(checkpoints)],
+                )
         if self.config.evaluator:
             self.spawn("evaluator", [*python, "dsgd.evaluator", *join])
         for k in range(self.config.num_workers):

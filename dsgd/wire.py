@@ -49,7 +49,15 @@ FETCH = "fetch"  # worker -> shard: send me parameters (changed since `version`)
 PARAMS = "params"  # shard -> worker: a chunk of parameters
 VERSION = "version"  # shard -> all (PUB): my current version
 ERROR = "error"  # shard -> worker: your request was refused (`reason` says why)
-KINDS = frozenset({PUSH, ACK, FETCH, PARAMS, VERSION, ERROR})
+# replication between the processes of one shard range (dsgd.shard.replication)
+JOIN = "join"  # backup -> primary: replicate to me (`worker`: my replica, `incarnation`: mine)
+STATE = "state"  # primary -> backup: one piece of the state it starts from
+REPLICATE = "replicate"  # primary -> backup: [this header, a push's frames], `seq`-th forward
+CONFIRM = "confirm"  # backup -> primary: applied every forward up to `seq`
+KINDS = frozenset({PUSH, ACK, FETCH, PARAMS, VERSION, ERROR, JOIN, STATE, REPLICATE, CONFIRM})
+REPLICATION = frozenset({JOIN, STATE, REPLICATE, CONFIRM})
+# an ERROR's status for a push that reached a backup (one being promoted, say): resend it
+NOT_PRIMARY = "not_primary"
 
 # encodings
 DENSE = "dense"

@@ -90,6 +90,8 @@ INVALID = [
     ("chunk_bytes", (64 << 20) + 1, "--chunk-bytes"),
     ("chunk_bytes", 0, "--chunk-bytes"),
     ("max_inflight", 0, "--max-inflight"),
+    ("replicas", 0, "--replicas"),
+    ("replicas", 9, "--replicas"),
     ("density", 0.0, "--density"),
     ("density", 1.5, "--density"),
     ("density", math.nan, "--density"),

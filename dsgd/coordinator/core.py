@@ -16,6 +16,7 @@ This module holds no sockets: :mod:`dsgd.coordinator.service` adapts it to gRPC 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -33,13 +34,14 @@ from dsgd.coordinator.initial import InitialState
 from dsgd.errors import Refusal, Refused
 from dsgd.layout import Layout
 from dsgd.proto import control_pb2 as pb
-from dsgd.stats import peak_rss_bytes
+from dsgd.stats import ACKED_PREFIX, peak_rss_bytes
 from dsgd.types import FlatParams
 
 log = logging.getLogger("dsgd.coordinator")
 
 SHARD_GRACE = 15.0  # seconds shards keep serving after the run ends, for workers to drain
 MAX_WORKERS = 4096
+MAX_ACKED = 65536  # (shard, incarnation) acknowledged versions remembered
 UPLOAD_STALL = 10.0  # seconds without progress before another member may upload instead
 ROLES = {pb.ROLE_SHARD: "shard", pb.ROLE_WORKER: "worker", pb.ROLE_EVALUATOR: "evaluator"}
 
@@ -56,6 +58,8 @@ class Member:
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     stats: pb.MemberStats = field(default_factory=pb.MemberStats)
+    replica: int = 0  # a shard: which of its range's processes
+    caught_up: bool = False  # a backup: it holds its primary's state
 
 
 def check_protocol(version: int) -> None:
@@ -96,7 +100,14 @@ class Coordinator:
             InitialState.from_checkpoint(restore, config) if restore is not None else None
         )
         self.started = time.monotonic()
-        self.shards: dict[int, Member] = {}
+        self.shards: dict[int, Member] = {}  # each range's primary
+        self.backups: dict[int, dict[int, Member]] = {}  # range -> replica -> backup
+        self.failovers = 0
+        # acknowledged pushes lost to restarts from checkpoints: the highest version each
+        # shard incarnation (low 32 bits) acknowledged to any worker, and each restart's
+        # (shard, incarnation before, version it restarted from)
+        self.acked: dict[tuple[int, int], int] = {}
+        self.restarts: list[tuple[int, int, int]] = []
         self.workers: dict[int, Member] = {}
         self.evaluator: Member | None = None
         self.history: list[pb.Evaluation] = []
@@ -180,7 +191,8 @@ class Coordinator:
 
     def all_members(self) -> list[Member]:
         evaluator = [self.evaluator] if self.evaluator is not None else []
-        return [*self.shards.values(), *self.workers.values(), *evaluator]
+        backups = [b for group in self.backups.values() for b in group.values()]
+        return [*self.shards.values(), *backups, *self.workers.values(), *evaluator]
 
     def member_state(self, member: Member) -> str:
         if member.left:
@@ -231,8 +243,17 @@ class Coordinator:
             )
         check_protocol(request.protocol_version)
         check_endpoint(request.endpoint)
+        if not 0 <= request.replica < self.config.replicas:
+            raise Refused(
+                Refusal.INVALID,
+                f"replica {request.replica} is outside this cluster's "
+                f"0..{self.config.replicas - 1} (--replicas {self.config.replicas})",
+            )
         if self.layout is None:
             return pb.RegisterShardReply(ready=False, waiting_for=self.waiting_for())
+        backup = self._register_backup(request)
+        if backup is not None:
+            return backup
         # a shard that kept (or restored) state at least as new as ours keeps it (after a
         # restart of the coordinator, the shards' state is all there is)
         initial_version = self.initial.versions[shard_id] if self.initial is not None else 0
@@ -247,13 +268,20 @@ class Coordinator:
         endpoint = pb.ShardEndpoint()
         endpoint.CopyFrom(request.endpoint)
         endpoint.shard_id, endpoint.start, endpoint.stop = shard_id, rng.start, rng.stop
+        endpoint.replica = request.replica
+        before = self.shards.get(shard_id)
+        if before is not None and before.incarnation != request.endpoint.incarnation:
+            start = request.version if has_state else initial_version
+            self.restarts.append((shard_id, before.incarnation & 0xFFFFFFFF, start))
         self.shards[shard_id] = Member(
             pb.ROLE_SHARD,
             shard_id,
             incarnation=request.endpoint.incarnation,
             address=endpoint.data_address,
             endpoint=endpoint,
+            replica=request.replica,
         )
+        self.backups.get(shard_id, {}).pop(request.replica, None)
         log.info(
             "shard %d registered at %s (incarnation %x)",
             shard_id,
@@ -270,6 +298,98 @@ class Coordinator:
             send_initial=not has_state,
             version=initial_version,
         )
+
+    def _register_backup(self, request: pb.RegisterShardRequest) -> pb.RegisterShardReply | None:
+        """With replicas: a process that should serve as a backup (its range has a live
+        primary, another process) registers as one and is told whom to replicate from;
+        None when it is to be the primary. A primary's own replica registering again means
+        the primary process is gone: a backup that holds its state takes over first."""
+        shard_id, replica = request.shard_id, request.replica
+        primary = self.shards.get(shard_id)
+        if self.config.replicas == 1 or primary is None or self.layout is None:
+            return None
+        if primary.replica == replica or self.member_state(primary) in ("dead", "left"):
+            if not self._promote_a_backup(shard_id, f"replica {replica} registered again"):
+                return None
+            primary = self.shards[shard_id]
+        assert primary.endpoint is not None
+        rng = self.layout.ranges[shard_id]
+        endpoint = pb.ShardEndpoint()
+        endpoint.CopyFrom(request.endpoint)
+        endpoint.shard_id, endpoint.start, endpoint.stop = shard_id, rng.start, rng.stop
+        endpoint.replica = replica
+        self.backups.setdefault(shard_id, {})[replica] = Member(
+            pb.ROLE_SHARD,
+            shard_id,
+            incarnation=request.endpoint.incarnation,
+            address=endpoint.data_address,
+            endpoint=endpoint,
+            replica=replica,
+        )
+        log.info(
+            "shard %d replica %d registered as a backup of replica %d",
+            shard_id,
+            replica,
+            primary.replica,
+        )
+        return pb.RegisterShardReply(
+            ready=True,
+            num_shards=self.config.num_shards,
+            start=rng.start,
+            stop=rng.stop,
+            layout_fingerprint=self.layout.fingerprint,
+            config_json=self.config.to_json(),
+            primary=primary.endpoint,
+        )
+
+    def _promote_a_backup(self, shard_id: int, why: str) -> bool:
+        """Make the live backup that holds the most of the primary's state the primary."""
+        ready = [
+            b
+            for b in self.backups.get(shard_id, {}).values()
+            if b.caught_up and self.member_state(b) == "alive"
+        ]
+        if not ready:
+            return False
+        self._promote(shard_id, max(ready, key=lambda b: b.stats.version), why)
+        return True
+
+    def _promote(self, shard_id: int, backup: Member, why: str) -> None:
+        old = self.shards.get(shard_id)
+        self.backups[shard_id].pop(backup.replica, None)
+        self.shards[shard_id] = backup
+        self.failovers += 1
+        log.warning(
+            "shard %d: replica %d promoted to primary (%s; replica %s was primary)",
+            shard_id,
+            backup.replica,
+            why,
+            old.replica if old is not None else "?",
+        )
+
+    def _check_failover(self) -> None:
+        """Promote a backup wherever the primary fell silent (a partition, a crash the
+        backups did not see); not once the run is over and members leave."""
+        if self.done:
+            return
+        for shard_id, primary in list(self.shards.items()):
+            if self.backups.get(shard_id) and self.member_state(primary) in ("dead", "left"):
+                self._promote_a_backup(shard_id, f"the primary was {self.member_state(primary)}")
+
+    def _shard_reply(self, member: Member) -> dict[str, Any]:
+        """What a shard's heartbeat reply says of its role: primary (and its backups) or
+        backup (and its primary)."""
+        primary = self.shards.get(member.member_id)
+        if primary is member:
+            live = [
+                b.endpoint
+                for b in self.backups.get(member.member_id, {}).values()
+                if b.endpoint is not None and self.member_state(b) not in ("dead", "left")
+            ]
+            return {"primary": True, "replicas": live}
+        if primary is not None and primary.endpoint is not None:
+            return {"primary": False, "replicas": [primary.endpoint]}
+        return {"primary": False}
 
     def initial_arrays(self, shard_id: int, fingerprint: int) -> dict[str, FlatParams]:
         """What a shard without state starts from (FetchInitialShard)."""
@@ -350,7 +470,8 @@ class Coordinator:
         ]
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
-        member = self._member(request.role, request.id)
+        self._check_failover()
+        member = self._member(request.role, request.id, request.replica)
         if member is None:
             return pb.HeartbeatReply(reregister=True)
         if member.incarnation != request.incarnation:
@@ -363,6 +484,21 @@ class Coordinator:
         member.last_seen = time.monotonic()
         member.stats.CopyFrom(request.stats)
         member.ready = True
+        shard_role: dict[str, Any] = {}
+        if request.role == pb.ROLE_WORKER:
+            self._note_acked(request.stats.counters)
+        if request.role == pb.ROLE_SHARD:
+            member.caught_up = request.caught_up
+            primary = self.shards.get(request.id)
+            if (
+                request.lost_primary
+                and primary is not None
+                and primary is not member
+                and primary.incarnation == request.lost_primary
+                and member.caught_up
+            ):
+                self._promote(request.id, member, "its backup lost the connection to it")
+            shard_role = self._shard_reply(member)
         if request.leaving:
             member.left = True
             if request.failure:
@@ -373,11 +509,36 @@ class Coordinator:
             shutdown=self._should_stop(member),
             reason=self.done_reason,
             shards=self.shard_endpoints(),
+            **shard_role,
         )
 
-    def _member(self, role: int, member_id: int) -> Member | None:
+    def _note_acked(self, counters: Any) -> None:
+        """Take a worker's ``acked_shard{K}_{incarnation}`` counters (its highest
+        acknowledged version per shard incarnation)."""
+        for key, value in counters.items():
+            if not key.startswith(ACKED_PREFIX):
+                continue
+            shard, _, incarnation = key.removeprefix(ACKED_PREFIX).partition("_")
+            with contextlib.suppress(ValueError):
+                slot = (int(shard), int(incarnation))
+                if len(self.acked) < MAX_ACKED or slot in self.acked:
+                    self.acked[slot] = max(self.acked.get(slot, 0), int(value))
+
+    def lost_pushes(self) -> dict[int, int]:
+        """Per shard: acknowledged pushes its restarts from checkpoints lost (the versions
+        between the one it restarted from and the last one workers saw acknowledged)."""
+        lost: dict[int, int] = {}
+        for shard_id, incarnation, start in self.restarts:
+            gone = max(0, self.acked.get((shard_id, incarnation), 0) - start)
+            lost[shard_id] = lost.get(shard_id, 0) + gone
+        return lost
+
+    def _member(self, role: int, member_id: int, replica: int = 0) -> Member | None:
         if role == pb.ROLE_SHARD:
-            return self.shards.get(member_id)
+            primary = self.shards.get(member_id)
+            if primary is not None and primary.replica == replica:
+                return primary
+            return self.backups.get(member_id, {}).get(replica)
         if role == pb.ROLE_WORKER:
             return self.workers.get(member_id)
         if role == pb.ROLE_EVALUATOR:
@@ -487,8 +648,10 @@ class Coordinator:
                 stats=m.stats,
                 address=m.address,
                 incarnation=m.incarnation,
+                replica=m.replica,
+                primary=m.role == pb.ROLE_SHARD and self.shards.get(m.member_id) is m,
             )
-            for m in sorted(self.all_members(), key=lambda m: (m.role, m.member_id))
+            for m in sorted(self.all_members(), key=lambda m: (m.role, m.member_id, m.replica))
         ]
         layout = self.layout
         return pb.ClusterStatus(
@@ -511,4 +674,12 @@ class Coordinator:
             config_json=self.config.to_json(),
             shards=self.shard_endpoints(),
             refused=self.refused,
+            failovers=self.failovers,
+            lost_pushes=self.lost_pushes(),
+            replicas=[
+                b.endpoint
+                for k in sorted(self.backups)
+                for _, b in sorted(self.backups[k].items())
+                if b.endpoint is not None
+            ],
         )

@@ -49,7 +49,7 @@ class MemberStats(_message.Message):
     def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., rate: _Optional[float] = ..., loss: _Optional[float] = ..., counters: _Optional[_Mapping[str, float]] = ..., notes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardEndpoint(_message.Message):
-    __slots__ = ("shard_id", "data_address", "pub_address", "start", "stop", "incarnation", "control_address")
+    __slots__ = ("shard_id", "data_address", "pub_address", "start", "stop", "incarnation", "control_address", "replica")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PUB_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class ShardEndpoint(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     data_address: str
     pub_address: str
@@ -64,21 +65,24 @@ class ShardEndpoint(_message.Message):
     stop: int
     incarnation: int
     control_address: str
-    def __init__(self, shard_id: _Optional[int] = ..., data_address: _Optional[str] = ..., pub_address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., incarnation: _Optional[int] = ..., control_address: _Optional[str] = ...) -> None: ...
+    replica: int
+    def __init__(self, shard_id: _Optional[int] = ..., data_address: _Optional[str] = ..., pub_address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., incarnation: _Optional[int] = ..., control_address: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class RegisterShardRequest(_message.Message):
-    __slots__ = ("shard_id", "endpoint", "layout_fingerprint", "version", "protocol_version")
+    __slots__ = ("shard_id", "endpoint", "layout_fingerprint", "version", "protocol_version", "replica")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     endpoint: ShardEndpoint
     layout_fingerprint: int
     version: int
     protocol_version: int
-    def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    replica: int
+    def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class LeafShape(_message.Message):
     __slots__ = ("dims",)
@@ -99,7 +103,7 @@ class ModelLayout(_message.Message):
     def __init__(self, paths: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[LeafShape, _Mapping]]] = ..., num_shards: _Optional[int] = ..., fingerprint: _Optional[int] = ...) -> None: ...
 
 class RegisterShardReply(_message.Message):
-    __slots__ = ("num_shards", "start", "stop", "layout_fingerprint", "config_json", "send_initial", "version", "ready", "waiting_for")
+    __slots__ = ("num_shards", "start", "stop", "layout_fingerprint", "config_json", "send_initial", "version", "ready", "waiting_for", "primary")
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +113,7 @@ class RegisterShardReply(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
     num_shards: int
     start: int
     stop: int
@@ -118,7 +123,8 @@ class RegisterShardReply(_message.Message):
     version: int
     ready: bool
     waiting_for: str
-    def __init__(self, num_shards: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+    primary: ShardEndpoint
+    def __init__(self, num_shards: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., config_json: _Optional[str] = ..., send_initial: _Optional[bool] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., primary: _Optional[_Union[ShardEndpoint, _Mapping]] = ...) -> None: ...
 
 class FetchInitialShardRequest(_message.Message):
     __slots__ = ("shard_id", "layout_fingerprint")
@@ -233,39 +239,49 @@ class EvaluationReply(_message.Message):
     def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("role", "id", "incarnation", "stats", "leaving", "failure")
+    __slots__ = ("role", "id", "incarnation", "stats", "leaving", "failure", "replica", "lost_primary", "caught_up")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LOST_PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     role: Role
     id: int
     incarnation: int
     stats: MemberStats
     leaving: bool
     failure: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
+    replica: int
+    lost_primary: int
+    caught_up: bool
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ..., failure: _Optional[str] = ..., replica: _Optional[int] = ..., lost_primary: _Optional[int] = ..., caught_up: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("shutdown", "reason", "reregister", "shards")
+    __slots__ = ("shutdown", "reason", "reregister", "shards", "primary", "replicas")
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     shutdown: bool
     reason: str
     reregister: bool
     shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
-    def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ..., reregister: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ...) -> None: ...
+    primary: bool
+    replicas: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
+    def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ..., reregister: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., primary: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("role", "id", "state", "last_seen_seconds", "stats", "address", "incarnation")
+    __slots__ = ("role", "id", "state", "last_seen_seconds", "stats", "address", "incarnation", "replica", "primary")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +289,8 @@ class MemberStatus(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
     role: Role
     id: int
     state: str
@@ -280,7 +298,9 @@ class MemberStatus(_message.Message):
     stats: MemberStats
     address: str
     incarnation: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    replica: int
+    primary: bool
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., replica: _Optional[int] = ..., primary: _Optional[bool] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("elapsed_seconds", "test_accuracy", "test_loss", "total_version", "metrics", "eval_seconds", "examples", "final")
@@ -310,7 +330,7 @@ class Evaluation(_message.Message):
     def __init__(self, elapsed_seconds: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., total_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., eval_seconds: _Optional[float] = ..., examples: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "config_json", "shards", "refused", "failed", "target", "usage_error", "peak_rss_bytes")
+    __slots__ = ("model", "num_params", "layout_fingerprint", "num_shards", "num_workers", "elapsed_seconds", "members", "history", "done", "done_reason", "reached_target", "waiting_for", "config_json", "shards", "refused", "failed", "target", "usage_error", "peak_rss_bytes", "lost_pushes", "failovers", "replicas")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +338,13 @@ class ClusterStatus(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LostPushesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +364,9 @@ class ClusterStatus(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     USAGE_ERROR_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOST_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_params: int
     layout_fingerprint: int
@@ -356,7 +386,10 @@ class ClusterStatus(_message.Message):
     target: str
     usage_error: bool
     peak_rss_bytes: float
-    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ..., failed: _Optional[bool] = ..., target: _Optional[str] = ..., usage_error: _Optional[bool] = ..., peak_rss_bytes: _Optional[float] = ...) -> None: ...
+    lost_pushes: _containers.ScalarMap[int, int]
+    failovers: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
+    def __init__(self, model: _Optional[str] = ..., num_params: _Optional[int] = ..., layout_fingerprint: _Optional[int] = ..., num_shards: _Optional[int] = ..., num_workers: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., done: _Optional[bool] = ..., done_reason: _Optional[str] = ..., reached_target: _Optional[bool] = ..., waiting_for: _Optional[str] = ..., config_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ..., failed: _Optional[bool] = ..., target: _Optional[str] = ..., usage_error: _Optional[bool] = ..., peak_rss_bytes: _Optional[float] = ..., lost_pushes: _Optional[_Mapping[int, int]] = ..., failovers: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason", "wait_for_members")

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from dsgd import wire
 from dsgd.errors import Closed, ConfigError, PeerLost, ProtocolError
@@ -35,6 +36,7 @@ log = logging.getLogger("dsgd.client")
 
 SHARD_SILENT = 2.0  # seconds without a word from a shard before it counts as unavailable
 BATCH = 64  # replies read before other tasks get a turn
+NOT_PRIMARY_RETRY = 0.02  # s before resending a chunk a backup turned away
 
 
 class PushResult(NamedTuple):
@@ -100,8 +102,13 @@ class ShardClient:
         ack_timeout: float = 10.0,
         fetch_timeout: float = 10.0,
         security: Security | None = None,
+        watch: bool = False,
     ) -> None:
         self.shard_id = shard_id
+        # with ``watch``: set when the connection to the shard drops (its process died),
+        # so the owner can ask at once where the range is served now (replicated ranges)
+        self.lost: asyncio.Event | None = asyncio.Event() if watch else None
+        self._monitor: zmq.asyncio.Socket | None = None
         self.security = security  # CURVE keys, for a cluster started with --secure
         self.data_address = data_address
         self.pub_address = pub_address
@@ -124,6 +131,9 @@ class ShardClient:
         self.last_heard = time.monotonic()
         self.bytes_pushed = 0
         self.connected_to = ""
+        # the highest version an APPLIED ack named, per shard incarnation (the last two):
+        # what the coordinator needs to count acknowledged pushes a restart lost
+        self.acked_versions: dict[int, int] = {}
 
     async def start(self) -> None:
         wire.keep_frame_memory()  # parameter replies arrive as 1 MiB frames too
@@ -137,9 +147,10 @@ class ShardClient:
         dealer.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.connected_to = connect_address(self.data_address)  # a local twin, or TCP
+        self._sub_connected_to = connect_address(self.pub_address)
         try:
             dealer.connect(self.connected_to)
-            sub.connect(connect_address(self.pub_address))
+            sub.connect(self._sub_connected_to)
         except zmq.ZMQError as exc:
             dealer.close(linger=0)
             sub.close(linger=0)
@@ -148,8 +159,46 @@ class ShardClient:
                 f"{self.pub_address}: {exc}"
             ) from None
         self._dealer, self._sub = LoopSocket(dealer), sub
+        if self.lost is not None:
+            # (a socket of the asyncio context, as the DEALER is)
+            monitor: Any = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor = monitor
+            self._spawn(self._watch_loop(monitor), "watch")
         self._spawn(self._receive_loop(), "receive")
         self._spawn(self._broadcast_loop(), "broadcast")
+
+    async def retarget(self, data_address: str, pub_address: str) -> int:
+        """Talk to another process serving the same range from now on (a backup promoted
+        to primary), and resend there every chunk still unacknowledged, as it was: the
+        promoted backup's at-most-once books answer DUPLICATE for what it already applied.
+        Returns the chunks resent."""
+        if self._closed or self._dealer is None or self._sub is None:
+            raise Closed("retarget on a closed ShardClient")
+        dealer = self._dealer.sock
+        with contextlib.suppress(zmq.ZMQError):  # (already gone)
+            dealer.disconnect(self.connected_to)
+        with contextlib.suppress(zmq.ZMQError):
+            self._sub.disconnect(self._sub_connected_to)
+        self.data_address, self.pub_address = data_address, pub_address
+        self.connected_to = connect_address(data_address)
+        self._sub_connected_to = connect_address(pub_address)
+        dealer.connect(self.connected_to)
+        self._sub.connect(self._sub_connected_to)
+        self.broadcast_version = -1
+        self.last_heard = time.monotonic()
+        if self.lost is not None:
+            self.lost.clear()
+        loop = asyncio.get_running_loop()
+        resent = 0
+        for seq, pending in list(self._pushes.items()):
+            for i, chunk in enumerate(pending.chunks):
+                if i not in pending.statuses:
+                    await self._dealer.send(chunk.frames)
+                    resent += 1
+            if pending.expiry is not None:  # a new primary: a full wait for its ACKs
+                pending.expiry.cancel()
+                pending.expiry = loop.call_later(self.ack_timeout, self._expire_push, seq)
+        return resent
 
     def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"shard{self.shard_id}-{what}")
@@ -172,6 +221,11 @@ class ShardClient:
             if not fetch.done.done():
                 fetch.done.set_exception(Closed("client closed"))
                 fetch.done.exception()  # mark retrieved
+        if self._monitor is not None:
+            assert self._dealer is not None
+            with contextlib.suppress(zmq.ZMQError):
+                self._dealer.sock.disable_monitor()
+            self._monitor.close(linger=0)
         if self._dealer is not None:
             self._dealer.close()
         if self._sub is not None:
@@ -332,6 +386,11 @@ class ShardClient:
         except ValueError:
             log.warning("shard %d acknowledged with status %r", self.shard_id, header.status)
             return
+        if status == AckStatus.APPLIED:
+            known = self.acked_versions
+            if header.incarnation not in known and len(known) >= 2:
+                del known[next(iter(known))]
+            known[header.incarnation] = max(known.get(header.incarnation, 0), header.version)
         settled = False
         for chunk in wire.acked_chunks(header):
             settled = pending.settle(chunk, status, header.reason)
@@ -369,11 +428,32 @@ class ShardClient:
             fetch.done.set_exception(ProtocolError(refusal))
             return
         push = self._pushes.get(header.seq) if header.about == wire.PUSH else None
+        if push is not None and header.status == wire.NOT_PRIMARY:
+            # a backup the coordinator just promoted, before it heard so: not a refusal
+            self._spawn(self._resend_later(header.seq, header.chunk), "resend")
+            return
         if push is not None:
             if push.settle(header.chunk, AckStatus.REJECTED, header.reason):
                 self._finish_push(header.seq)
         else:
             log.warning("shard %d: %s", self.shard_id, header.reason)
+
+    async def _resend_later(self, seq: int, chunk: int) -> None:
+        """Resend one chunk of push ``seq`` shortly, unless it settled meanwhile (its
+        ``ack_timeout`` still bounds the push)."""
+        await asyncio.sleep(NOT_PRIMARY_RETRY)
+        pending = self._pushes.get(seq)
+        if pending is None or chunk in pending.statuses or not 0 <= chunk < len(pending.chunks):
+            return
+        if self._dealer is not None and not self._closed:
+            await self._dealer.send(pending.chunks[chunk].frames)
+
+    async def _watch_loop(self, monitor: zmq.asyncio.Socket) -> None:
+        assert self.lost is not None
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.lost.set()
 
     async def _broadcast_loop(self) -> None:
         assert self._sub is not None

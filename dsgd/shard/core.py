@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+import struct
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+import msgpack
 import numpy as np
 
 from dsgd import checkpoint, wire
@@ -54,6 +56,7 @@ CHECKS: tuple[Check, ...] = (
     Check("not_ready", 1, wire.ERROR, "the shard has no parameters yet"),
     Check("layout", 2, wire.ERROR, "another layout fingerprint or shard id"),
     Check("kind", 3, wire.ERROR, "a kind a shard does not accept"),
+    Check("backup", 3, wire.ERROR, "a push to a backup, which applies only its primary's"),
     Check("worker", 4, wire.ACK, "a negative worker id"),
     # one stage: an unsorted index list may also end beyond the range, either names it
     Check("range", 5, wire.ACK, "a dense chunk or a sparse index beyond the range"),
@@ -91,6 +94,10 @@ class _PushRecord:
     version: int = 0  # the shard's version once its first chunk was applied
 
 
+def _record_fields(push: _PushRecord) -> list[Any]:
+    return [push.staleness, sorted(push.chunks), push.applied, push.version]
+
+
 @dataclass
 class _WorkerBook:
     """Per-worker at-most-once bookkeeping and staleness."""
@@ -118,6 +125,7 @@ class ShardCore:
         self.rejected: Counter[str] = Counter()
         self.apply_rate = RateMeter()
         self.rate_log = RateLimitedLog(log)
+        self.primary = True  # a backup applies only what its primary forwards
         self.installed = False
         self.install(
             fingerprint,
@@ -175,16 +183,45 @@ class ShardCore:
             metadata=metadata,
         )
 
+    def export_books(self) -> bytes:
+        """The at-most-once books (which chunks of which pushes were seen), for a backup
+        to start from, so a push retransmitted after a failover is applied only once."""
+        books = [
+            [worker, incarnation, [[seq, *_record_fields(p)] for seq, p in book.pushes.items()]]
+            for (worker, incarnation), book in self._workers.items()
+        ]
+        return bytes(msgpack.packb(books, use_bin_type=True))
+
+    def import_books(self, blob: bytes) -> None:
+        """Take the books :meth:`export_books` made (a ProtocolError if they do not parse)."""
+        try:
+            books = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+            workers: OrderedDict[tuple[int, int], _WorkerBook] = OrderedDict()
+            for worker, incarnation, pushes in books:
+                book = workers[(int(worker), int(incarnation))] = _WorkerBook()
+                for seq, staleness, chunks, applied, version in pushes:
+                    book.pushes[int(seq)] = _PushRecord(
+                        int(staleness), {int(c) for c in chunks}, bool(applied), int(version)
+                    )
+        except (ValueError, TypeError, struct.error, msgpack.ExtraData) as exc:
+            raise ProtocolError(f"at-most-once books do not parse: {exc}") from None
+        self._workers = workers
+
     # -- requests --------------------------------------------------------------------------
 
     def handle(
-        self, message: Sequence[Any], acks: list[wire.Header] | None = None
+        self,
+        message: Sequence[Any],
+        acks: list[wire.Header] | None = None,
+        *,
+        replicated: bool = False,
     ) -> list[list[Any]]:
         """Handle one request (``[header, arrays...]``); return the reply messages.
 
         Checks run in :data:`CHECKS` order up to the kind; the push checks follow in
         :meth:`apply`. With ``acks``, a push's ACK is appended there instead of returned,
         for the caller to send later with others to the same peer (:func:`wire.merge_acks`).
+        ``replicated``: a push its primary forwarded, which a backup applies.
         """
         self.counters["bytes_received"] += wire.payload_bytes(message)
         try:
@@ -202,6 +239,9 @@ class ShardCore:
             )
             return [self._refuse("layout", reason, header)]
         if header.kind == wire.PUSH:
+            if not (self.primary or replicated):
+                reason = f"shard {self.shard_id} is a backup now; push to its primary"
+                return [self._refuse("backup", reason, header, wire.NOT_PRIMARY)]
             ack = self._ack(header, self.apply(header, arrays))
             if acks is not None:
                 acks.append(ack)
@@ -392,8 +432,11 @@ class ShardCore:
             dtype="float32",
         )
 
-    def _refuse(self, key: str, reason: str, request: wire.Header | None = None) -> list[Any]:
-        """Count and log a refusal; the ERROR message that answers it."""
+    def _refuse(
+        self, key: str, reason: str, request: wire.Header | None = None, status: str = ""
+    ) -> list[Any]:
+        """Count and log a refusal; the ERROR message that answers it (``status``: a word
+        the client acts on, such as :data:`wire.NOT_PRIMARY`)."""
         base = request or wire.Header(kind=wire.ERROR, fingerprint=self.fingerprint, shard=-1)
         header = replace(
             base,
@@ -402,7 +445,7 @@ class ShardCore:
             count=0,
             encoding=wire.DENSE,
             dtype="float32",
-            status="",
+            status=status,
             reason=self._reject(key, reason),
             version=self.state.version,
             incarnation=self.incarnation,

@@ -8,6 +8,11 @@ then serves until the coordinator says the run is over or it receives SIGINT or
 SIGTERM, checkpointing every ``checkpoint_every`` seconds and once more on the way
 out. Each restart is a new *incarnation*: workers notice it and fetch again.
 The shard never imports JAX.
+
+With ``--replicas R`` each range is served by R processes (``--replica J``): the
+coordinator names one the primary; the others replicate from it
+(:mod:`dsgd.shard.replication`), and the heartbeat replies say when a backup is promoted
+or must follow another primary.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
 from dsgd.security import Security, check_listen, from_arguments
 from dsgd.shard.core import ShardCore, ShardState
+from dsgd.shard.replication import Chain, Follower
 from dsgd.shard.server import ShardServer
 from dsgd.stats import StalenessHistogram, paced_interval
 from dsgd.types import ShardRange
@@ -66,7 +72,9 @@ class ShardProcess:
         checkpoint_dir: Path | None = None,
         connect_timeout: float = 60.0,
         security: Security | None = None,
+        replica: int = 0,
     ) -> None:
+        self.replica = replica
         self.ctx = zmq.asyncio.Context()
         self.security = security
         self.link = CoordinatorLink(coordinator, give_up_after=connect_timeout, security=security)
@@ -90,6 +98,12 @@ class ShardProcess:
         self.saved_version = -1
         self._grpc: grpc.aio.Server | None = None
         self._save_lock = asyncio.Lock()
+        # replication: the primary this backup follows (None: it is a primary)
+        self.follow: pb.ShardEndpoint | None = None
+        self.follower: Follower | None = None
+        self._registered: pb.RegisterShardReply | None = None
+        self._role_changed = asyncio.Event()
+        self._lost_primary = 0  # the incarnation of a primary this backup saw go
 
     @property
     def shard_id(self) -> int:
@@ -123,6 +137,7 @@ class ShardProcess:
             async with asyncio.TaskGroup() as group:
                 background = [
                     group.create_task(owned("the data plane", self.server.serve())),
+                    group.create_task(owned("replication", self._replicate(stop))),
                 ]
                 if self.checkpoint_dir is not None:
                     saving = owned("periodic checkpoints", self._checkpoint_loop())
@@ -194,10 +209,12 @@ class ShardProcess:
                 pub_address=server.pub_address,
                 incarnation=core.incarnation,
                 control_address=self.control_address,
+                replica=self.replica,
             ),
             layout_fingerprint=held.fingerprint if held else core.fingerprint,
             version=held.version if held else core.state.version,
             protocol_version=PROTOCOL_VERSION,
+            replica=self.replica,
         )
         # not ready while the cluster does not know the model yet
         reply = await self.link.register(
@@ -206,14 +223,20 @@ class ShardProcess:
         if reply is None:
             return False
         self.config = TrainConfig.from_json(reply.config_json)
+        self._registered = reply
+        if reply.HasField("primary"):  # a backup: take the primary's state, not ours
+            self._become_backup(reply.primary)
+            await self.link.heartbeat_once(self._heartbeat())
+            return True
         if held is not None and held.fingerprint != reply.layout_fingerprint:
             raise CheckpointError(
                 f"checkpoint {held.path} belongs to another model or shard count "
                 f"(fingerprint {held.fingerprint:016x}, the cluster's is "
                 f"{reply.layout_fingerprint:016x}); use another --checkpoint-dir"
             )
-        if reply.send_initial or not core.installed:
-            await self._install(reply, held)
+        if reply.send_initial or not core.installed or not core.primary:
+            await self._install(reply, held if core.primary else None)
+        self._become_primary()
         # report at once, so the coordinator marks this shard ready without waiting a period
         await self.link.heartbeat_once(self._heartbeat())
         return True
@@ -271,6 +294,119 @@ class ShardProcess:
             shard_range.size,
             state.version,
         )
+
+    # -- replication ---------------------------------------------------------------------------
+
+    def _become_primary(self) -> None:
+        if self.follow is not None:
+            log.warning("shard %d replica %d is the primary now", self.shard_id, self.replica)
+        self.core.primary = True
+        self.follow = None
+        if self.config.replicas > 1 and self.server.chain is None:
+            self.server.chain = Chain()
+        self._role_changed.set()
+
+    def _become_backup(self, primary: pb.ShardEndpoint) -> None:
+        """Follow ``primary``. A deposed primary's held ACKs are dropped, not sent: what
+        they acknowledge may be on no other replica (its workers resend it)."""
+        if self.follow is not None and self.follow.incarnation == primary.incarnation:
+            return
+        log.info(
+            "shard %d replica %d follows replica %d at %s",
+            self.shard_id,
+            self.replica,
+            primary.replica,
+            primary.data_address,
+        )
+        self.core.primary = False
+        if self._registered is not None:
+            self.core.fingerprint = self._registered.layout_fingerprint
+        self.server.chain = None
+        self.follow = primary
+        self._role_changed.set()
+
+    async def _replicate(self, stop: asyncio.Event) -> None:
+        """While a backup, follow the primary; when it goes, ask at once to be promoted."""
+        while not stop.is_set():
+            self._role_changed.clear()
+            target = self.follow
+            if target is None or target.incarnation == self._lost_primary:
+                await self._role_changed.wait()
+                continue
+            reply = self._registered
+            assert reply is not None
+            follower = self.follower = Follower(
+                self.core,
+                target.data_address,
+                self.replica,
+                self.ctx,
+                self._install_replica,
+                reply.stop - reply.start,
+                self.security,
+            )
+            following = asyncio.ensure_future(follower.run())
+            changed = asyncio.ensure_future(self._role_changed.wait())
+            try:
+                await asyncio.wait({following, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (following, changed):
+                    if not task.done():
+                        task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            gone = following.done() and not following.cancelled() and self.follow is target
+            if gone:
+                log.warning(
+                    "shard %d replica %d: %s", self.shard_id, self.replica, following.result()
+                )
+                self._lost_primary = target.incarnation
+                if follower.caught_up.is_set():  # the range waits: ask now, not next beat
+                    answer = await self.link.heartbeat_once(self._heartbeat())
+                    if answer is not None:
+                        await self._follow_reply(answer)
+            if self.follower is follower and not self.core.primary:
+                self.follower = None
+
+    def _install_replica(
+        self, params: np.ndarray, opt_state: dict[str, np.ndarray], version: int, books: bytes
+    ) -> None:
+        """Take the primary's state (from a :class:`Follower`)."""
+        reply = self._registered
+        assert reply is not None
+        config = self.config
+        optimizer = make_optimizer(
+            config.optimizer, config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        problem = state_mismatch(optimizer, opt_state, params.size)
+        if problem is not None:
+            raise ProtocolError(f"the primary's state does not fit this shard: {problem}")
+        self.core.install(
+            reply.layout_fingerprint,
+            optimizer,
+            ShardState(params, opt_state, version),
+            staleness=config.staleness,
+            chunk_bytes=config.chunk_bytes,
+            shard_range=ShardRange(reply.start, reply.stop),
+            num_shards=reply.num_shards,
+        )
+        self.core.import_books(books)
+        self.core.primary = False
+
+    async def _follow_reply(self, reply: pb.HeartbeatReply) -> None:
+        """Act on what a heartbeat reply says of this shard's role."""
+        if self.config.replicas == 1:
+            return
+        if reply.primary:
+            if not self.core.primary:
+                if not self.core.installed:
+                    return
+                self._become_primary()
+            chain = self.server.chain
+            if chain is not None:
+                allowed = {(e.replica, e.incarnation) for e in reply.replicas}
+                await self.server.release(chain.prune(allowed))
+        elif reply.replicas:
+            self._become_backup(reply.replicas[0])
 
     async def _fetch_initial(self, reply: Any, size: int) -> ShardState:
         arrays: dict[str, np.ndarray] = {}
@@ -337,6 +473,12 @@ class ShardProcess:
         core = self.core
         counters = core.stats()
         counters["checkpoint_version"] = float(self.saved_version)
+        chain = self.server.chain
+        if chain is not None:
+            counters["replication_backups"] = float(len(chain.backups))
+            counters["replication_acks_held"] = float(chain.holding)
+        follower = self.follower
+        caught_up = core.primary or (follower is not None and follower.caught_up.is_set())
         stats = {"version": core.state.version, "rate": core.apply_rate.rate()}
         return pb.HeartbeatRequest(
             role=pb.ROLE_SHARD,
@@ -344,6 +486,9 @@ class ShardProcess:
             incarnation=core.incarnation,
             stats=stats_message({**stats, "counters": counters}),
             leaving=leaving,
+            replica=self.replica,
+            lost_primary=0 if core.primary else self._lost_primary,
+            caught_up=caught_up and core.installed,
         )
 
     async def _heartbeat_until_done(self, stop: asyncio.Event) -> None:
@@ -361,6 +506,8 @@ class ShardProcess:
             if reply.reregister:
                 log.info("shard %d: coordinator restarted; registering again", self.shard_id)
                 await self.register(stop)
+            else:
+                await self._follow_reply(reply)
 
 
 class ShardControl(pb_grpc.ShardServicer):
@@ -399,6 +546,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_member_arguments(parser, "write bound addresses here (JSON) once serving")
     parser.add_argument("--shard-id", type=int, required=True, help="which shard slot to serve")
+    parser.add_argument(
+        "--replica",
+        type=int,
+        default=0,
+        help="which of the range's --replicas processes this is (0..replicas-1)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--advertise-host", help="address peers use to reach this shard")
     parser.add_argument("--data-port", type=int, default=0, help="push/fetch port (0: any)")
@@ -428,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_dir=args.checkpoint_dir,
             connect_timeout=args.connect_timeout,
             security=security,
+            replica=args.replica,
         )
         await process.run(stop, args.ready_file)
         return 0

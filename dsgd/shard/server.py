@@ -6,7 +6,10 @@
   Requests are read in batches of what is queued (:class:`~dsgd.sockets.LoopSocket`);
   the ACKs of a batch go out at its end, merged per push (:func:`wire.merge_acks`);
 - the PUB (``pub_address``) broadcasts the shard's version, so workers skip fetches
-  when nothing changed.
+  when nothing changed;
+- with a :class:`~dsgd.shard.replication.Chain` (``--replicas`` above 1), the ROUTER also
+  takes backups' joins and confirmations: a primary forwards every push it handled to
+  its backups and holds the ACKs until they confirmed it.
 
 The server knows frames and peers, not parameters: what a message means is the core's
 business. Nothing here imports JAX, touches the disk or blocks.
@@ -24,9 +27,10 @@ import zmq
 import zmq.asyncio
 
 from dsgd import wire
-from dsgd.errors import Closed, ConfigError
+from dsgd.errors import Closed, ConfigError, ProtocolError
 from dsgd.security import Admission, Security, count_handshake_failures
 from dsgd.shard.core import ShardCore
+from dsgd.shard.replication import Chain, Outgoing, state_messages
 from dsgd.sockets import LoopSocket, bind_twin
 
 log = logging.getLogger("dsgd.shard")
@@ -55,6 +59,7 @@ class ShardServer:
         security: Security | None = None,
     ) -> None:
         self.core = core
+        self.chain: Chain | None = None  # set when the range is replicated
         self._security = security
         self._admission: Admission | None = None
         self._host = host
@@ -129,17 +134,57 @@ class ShardServer:
                     core.rate_log.warning("framing", "a message without an identity and a header")
                     continue
                 identity = frames[0].bytes
-                for reply in core.handle(frames[1:], acks.setdefault(identity, [])):
+                chain = self.chain
+                if chain is not None and await self._replication(router, identity, frames):
+                    continue
+                pushed = acks.setdefault(identity, [])
+                before = len(pushed)
+                for reply in core.handle(frames[1:], pushed):
                     if not await self._send(router, identity, reply):
                         break
+                if chain is not None and len(pushed) > before:  # a push reached apply
+                    await self._send_all(router, chain.forward(frames[1:]))
             for identity, headers in acks.items():
                 for ack in wire.merge_acks(headers):
-                    if not await self._send(router, identity, [wire.pack_header(ack)]):
+                    message = [wire.pack_header(ack)]
+                    if self.chain is not None:
+                        await self._send_all(router, self.chain.hold(identity, message))
+                    elif not await self._send(router, identity, message):
                         break
             handled += len(ready)
             if handled >= BATCH:  # requests keep coming: let the broadcasts out too
                 handled = 0
                 await asyncio.sleep(0)
+
+    async def _replication(self, router: LoopSocket, identity: bytes, frames: list[Any]) -> bool:
+        """Handle a backup's join or confirmation; False for any other message."""
+        assert self.chain is not None
+        try:
+            header = wire.unpack_header(frames[1].bytes)
+        except (ProtocolError, IndexError):
+            return False  # the core refuses it, and counts it
+        if header.kind not in wire.REPLICATION:
+            return False
+        core = self.core
+        if header.fingerprint != core.fingerprint or header.shard != core.shard_id:
+            core.rejected["layout"] += 1
+            return True
+        if header.kind == wire.JOIN and core.primary and core.installed:
+            self.chain.join(identity, header.worker, header.incarnation)
+            for message in state_messages(core):
+                await self._send(router, identity, message)
+        elif header.kind == wire.CONFIRM:
+            await self._send_all(router, self.chain.confirm(identity, header.seq))
+        return True
+
+    async def release(self, outgoing: Outgoing) -> None:
+        """Send ACKs a :class:`Chain` released outside the receive loop (a backup left)."""
+        if self._router is not None:
+            await self._send_all(self._router, outgoing)
+
+    async def _send_all(self, router: LoopSocket, outgoing: Outgoing) -> None:
+        for identity, frames in outgoing:
+            await self._send(router, identity, frames)
 
     async def _send(self, router: LoopSocket, identity: bytes, frames: list[Any]) -> bool:
         try:

@@ -39,6 +39,9 @@ from dsgd.runtime import (
 from dsgd.security import Security, from_arguments
 from dsgd.worker.replica import Replica
 
+LOST_BEAT_INTERVAL = 0.02  # s between heartbeats while a replicated shard's primary is lost
+LOST_FAST_BEATS = 2.0  # ... for at most this long (then at the usual interval)
+
 log = logging.getLogger("dsgd.worker")
 
 
@@ -197,6 +200,7 @@ async def _heartbeats(
 ) -> None:
     """Report progress; follow moved shards; end training when the coordinator says the run
     is over (``stop``); register again with a restarted coordinator."""
+    lost_since: float | None = None
     while not stop.is_set():
         reply = await link.heartbeat_once(_heartbeat(replica))
         if reply is not None and reply.shutdown:
@@ -213,8 +217,28 @@ async def _heartbeats(
                 # every shard's share has been fetched (another member gives them otherwise)
                 if again.send_initial and not replica.fetch_missing():
                     await link.upload_initial(request.layout.fingerprint, replica.server_params)
+        # a replicated shard's primary dropped: beat fast until the reply names the backup
+        # that took over (the failover waits for this), for at most LOST_FAST_BEATS
+        now = time.monotonic()
+        lost_since = (lost_since or now) if replica.shard_lost() else None
+        fast = lost_since is not None and now - lost_since < LOST_FAST_BEATS
+        interval = LOST_BEAT_INTERVAL if fast else config.heartbeat_interval
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), config.heartbeat_interval)
+            await asyncio.wait_for(_stop_or_lost(stop, replica, fast), interval)
+
+
+async def _stop_or_lost(stop: asyncio.Event, replica: Replica, fast: bool) -> None:
+    """Until ``stop`` is set, or (when not beating fast already) a shard's primary drops."""
+    waits = [asyncio.ensure_future(stop.wait())]
+    if not fast:
+        waits += [
+            asyncio.ensure_future(c.lost.wait()) for c in replica.clients if c.lost is not None
+        ]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

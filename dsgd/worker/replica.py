@@ -34,7 +34,7 @@ from dsgd.model import EAGER, CompiledModel, batches
 from dsgd.optim import subtract_scaled
 from dsgd.security import Security
 from dsgd.shard.client import SHARD_SILENT, PushResult, ShardClient
-from dsgd.stats import RateMeter
+from dsgd.stats import ACKED_PREFIX, RateMeter
 from dsgd.types import FlatParams, ShardInfo
 
 log = logging.getLogger("dsgd.worker")
@@ -59,6 +59,13 @@ COUNTERS = (
     "gradient_seconds",  # computing gradients
     "exchange_seconds",  # pushing and fetching (beside the gradient with --overlap)
 )
+
+
+def acked_counters(shard_id: int, acked: dict[int, int]) -> dict[str, float]:
+    """The heartbeat counters that tell the coordinator the highest version shard
+    ``shard_id`` acknowledged to this worker, per shard incarnation (its low 32 bits, which
+    a double holds exactly): ``acked_shard{K}_{incarnation}``."""
+    return {f"{ACKED_PREFIX}{shard_id}_{inc & 0xFFFFFFFF}": float(v) for inc, v in acked.items()}
 
 
 def worker_batches(
@@ -164,7 +171,13 @@ class Replica:
             self._ctx,
             max_inflight=self.config.max_inflight,
             security=self._security,
+            watch=self.config.replicas > 1,  # a primary lost: ask at once who took over
         )
+
+    def shard_lost(self) -> bool:
+        """Whether the connection to a (replicated) shard's primary dropped and no
+        heartbeat reply has named its successor yet."""
+        return any(c.lost is not None and c.lost.is_set() for c in self.clients)
 
     async def aclose(self) -> None:
         for client in self.clients:
@@ -179,7 +192,9 @@ class Replica:
         await self.aclose()
 
     async def update_endpoints(self, shards: Sequence[ShardInfo]) -> None:
-        """Follow shards that moved (a restarted shard binds new ports): reconnect."""
+        """Follow shards that moved: a restarted shard binds new ports (reconnect; what it
+        never acknowledged goes back into the residual), a promoted backup serves the
+        range elsewhere (retarget, resending what it never acknowledged unchanged)."""
         for info in shards:
             k = next((i for i, s in enumerate(self.shards) if s.shard_id == info.shard_id), None)
             if k is None or (info.start, info.stop) != (self.shards[k].start, self.shards[k].stop):
@@ -196,11 +211,15 @@ class Replica:
                 info.shard_id,
                 info.data_address,
             )
-            old = self.clients[k]
             self.shards[k] = info
+            self.held_versions[k] = -1
+            if self.config.replicas > 1:  # a backup took over: it has the books, resend as-is
+                resent = await self.clients[k].retarget(info.data_address, info.pub_address)
+                self.counters["chunks_resent"] += resent
+                continue
+            old = self.clients[k]
             self.clients[k] = self._client(info)
             await self.clients[k].start()
-            self.held_versions[k] = -1
             await old.aclose()  # its unacknowledged pushes come back as lost: resent later
 
     # -- the Downpour loop -----------------------------------------------------------------
@@ -458,11 +477,14 @@ class Replica:
     # -- reporting ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        counters = {k: float(v) for k, v in self.counters.items()}
+        for client in self.clients:
+            counters.update(acked_counters(client.shard_id, client.acked_versions))
         return {
             "version": int(sum(max(v, 0) for v in self.held_versions)),
             "step": self.step,
             "rate": self.rate.rate(),
             "loss": 0.0 if np.isnan(self.loss) else float(self.loss),
-            "counters": {k: float(v) for k, v in self.counters.items()},
+            "counters": counters,
             "notes": self.notes,
         }
