@@ -107,6 +107,8 @@ def test_a_secured_cluster_of_processes_trains_to_target(
         "2",
         "--shards",
         "2",
+        "--replicas",  # backups replicate from their primaries over CURVE too
+        "2",
         "--max-seconds",
         "150",
         "--run-dir",
@@ -119,6 +121,10 @@ def test_a_secured_cluster_of_processes_trains_to_target(
     summary = json.loads(out.read_text())
     assert summary["reached_target"] and summary["shards"] == 2
     assert summary["rejected"] == 0  # every member got in, nobody was refused
+    assert summary["failovers"] == 0
+    for k in (0, 1):
+        logs = "".join((tmp_path / "run" / f"shard{k}-r{j}.log").read_text() for j in (0, 1))
+        assert "caught up with its primary" in logs
     # and the members really spoke CURVE: a shard announces no plaintext endpoint
     assert "authenticated and encrypted" in proc.stderr
 

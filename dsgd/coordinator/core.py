@@ -492,6 +492,7 @@ class Coordinator:
             primary = self.shards.get(request.id)
             if (
                 request.lost_primary
+                and not self.done  # primaries leave at the end of the run: no failover
                 and primary is not None
                 and primary is not member
                 and primary.incarnation == request.lost_primary
