@@ -234,7 +234,7 @@ class ShardProcess:
                 f"(fingerprint {held.fingerprint:016x}, the cluster's is "
                 f"{reply.layout_fingerprint:016x}); use another --checkpoint-dir"
             )
-        if reply.send_initial or not core.installed or not core.primary:
+        if reply.send_initial or not core.installed:  # a caught-up backup keeps its books
             await self._install(reply, held if core.primary else None)
         self._become_primary()
         # report at once, so the coordinator marks this shard ready without waiting a period

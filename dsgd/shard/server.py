@@ -128,13 +128,13 @@ class ShardServer:
             await router.readable()
             acks: dict[bytes, list[wire.Header]] = {}
             ready = router.recv_ready(BATCH)
+            chain = self.chain  # one role per batch: a deposed primary sends none of its ACKs
             for frames in ready:
                 if len(frames) < 2:
                     core.rejected["framing"] += 1
                     core.rate_log.warning("framing", "a message without an identity and a header")
                     continue
                 identity = frames[0].bytes
-                chain = self.chain
                 if chain is not None and await self._replication(router, identity, frames):
                     continue
                 pushed = acks.setdefault(identity, [])
@@ -147,8 +147,9 @@ class ShardServer:
             for identity, headers in acks.items():
                 for ack in wire.merge_acks(headers):
                     message = [wire.pack_header(ack)]
-                    if self.chain is not None:
-                        await self._send_all(router, self.chain.hold(identity, message))
+                    if chain is not None:
+                        if self.chain is chain and core.primary:
+                            await self._send_all(router, chain.hold(identity, message))
                     elif not await self._send(router, identity, message):
                         break
             handled += len(ready)

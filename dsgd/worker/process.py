@@ -230,9 +230,11 @@ async def _heartbeats(
 async def _stop_or_lost(stop: asyncio.Event, replica: Replica, fast: bool) -> None:
     """Until ``stop`` is set, or (when not beating fast already) a shard's primary drops."""
     waits = [asyncio.ensure_future(stop.wait())]
-    if not fast:
+    if not fast:  # (a loss already seen waits for the next beat, not in a spin)
         waits += [
-            asyncio.ensure_future(c.lost.wait()) for c in replica.clients if c.lost is not None
+            asyncio.ensure_future(c.lost.wait())
+            for c in replica.clients
+            if c.lost is not None and not c.lost.is_set()
         ]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
