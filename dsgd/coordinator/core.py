@@ -264,30 +264,42 @@ class Coordinator:
         )
         if not has_state and self.initial is None:
             return pb.RegisterShardReply(ready=False, waiting_for=self.waiting_for())
-        rng = self.layout.ranges[shard_id]
-        endpoint = pb.ShardEndpoint()
-        endpoint.CopyFrom(request.endpoint)
-        endpoint.shard_id, endpoint.start, endpoint.stop = shard_id, rng.start, rng.stop
-        endpoint.replica = request.replica
         before = self.shards.get(shard_id)
         if before is not None and before.incarnation != request.endpoint.incarnation:
             start = request.version if has_state else initial_version
             self.restarts.append((shard_id, before.incarnation & 0xFFFFFFFF, start))
-        self.shards[shard_id] = Member(
-            pb.ROLE_SHARD,
+        member = self.shards[shard_id] = self._shard_member(request)
+        self.backups.get(shard_id, {}).pop(request.replica, None)
+        log.info(
+            "shard %d registered at %s (incarnation %x)",
             shard_id,
+            member.address,
+            member.incarnation,
+        )
+        return self._registered_reply(shard_id, send_initial=not has_state, version=initial_version)
+
+    def _shard_member(self, request: pb.RegisterShardRequest) -> Member:
+        """The member a shard's registration makes, its endpoint naming its range."""
+        assert self.layout is not None
+        rng = self.layout.ranges[request.shard_id]
+        endpoint = pb.ShardEndpoint()
+        endpoint.CopyFrom(request.endpoint)
+        endpoint.shard_id, endpoint.start, endpoint.stop = request.shard_id, rng.start, rng.stop
+        endpoint.replica = request.replica
+        return Member(
+            pb.ROLE_SHARD,
+            request.shard_id,
             incarnation=request.endpoint.incarnation,
             address=endpoint.data_address,
             endpoint=endpoint,
             replica=request.replica,
         )
-        self.backups.get(shard_id, {}).pop(request.replica, None)
-        log.info(
-            "shard %d registered at %s (incarnation %x)",
-            shard_id,
-            endpoint.data_address,
-            endpoint.incarnation,
-        )
+
+    def _registered_reply(self, shard_id: int, **role: Any) -> pb.RegisterShardReply:
+        """A registered shard's range, layout and configuration (``role``: what it starts
+        from, or the primary it replicates)."""
+        assert self.layout is not None
+        rng = self.layout.ranges[shard_id]
         return pb.RegisterShardReply(
             ready=True,
             num_shards=self.config.num_shards,
@@ -295,8 +307,7 @@ class Coordinator:
             stop=rng.stop,
             layout_fingerprint=self.layout.fingerprint,
             config_json=self.config.to_json(),
-            send_initial=not has_state,
-            version=initial_version,
+            **role,
         )
 
     def _register_backup(self, request: pb.RegisterShardRequest) -> pb.RegisterShardReply | None:
@@ -313,34 +324,14 @@ class Coordinator:
                 return None
             primary = self.shards[shard_id]
         assert primary.endpoint is not None
-        rng = self.layout.ranges[shard_id]
-        endpoint = pb.ShardEndpoint()
-        endpoint.CopyFrom(request.endpoint)
-        endpoint.shard_id, endpoint.start, endpoint.stop = shard_id, rng.start, rng.stop
-        endpoint.replica = replica
-        self.backups.setdefault(shard_id, {})[replica] = Member(
-            pb.ROLE_SHARD,
-            shard_id,
-            incarnation=request.endpoint.incarnation,
-            address=endpoint.data_address,
-            endpoint=endpoint,
-            replica=replica,
-        )
+        self.backups.setdefault(shard_id, {})[replica] = self._shard_member(request)
         log.info(
             "shard %d replica %d registered as a backup of replica %d",
             shard_id,
             replica,
             primary.replica,
         )
-        return pb.RegisterShardReply(
-            ready=True,
-            num_shards=self.config.num_shards,
-            start=rng.start,
-            stop=rng.stop,
-            layout_fingerprint=self.layout.fingerprint,
-            config_json=self.config.to_json(),
-            primary=primary.endpoint,
-        )
+        return self._registered_reply(shard_id, primary=primary.endpoint)
 
     def _promote_a_backup(self, shard_id: int, why: str) -> bool:
         """Make the live backup that holds the most of the primary's state the primary."""
