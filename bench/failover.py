@@ -207,7 +207,7 @@ class Pushers:
                 self.ctx,
                 ack_timeout=5.0,
                 fetch_timeout=10.0,
-                watch=self.run.replicas > 1,
+                replicated=self.run.replicas > 1,
             )
             await client.start()
             self.clients.append(client)
@@ -323,7 +323,7 @@ async def _replicated(run: Run, link: CoordinatorLink, failovers: int = 0) -> An
         return None
     if status.failovers < failovers:
         return None
-    backups = primary.stats.counters.get("replication_backups", 0)
+    backups = sum(1 for m in shards if m.promotable)  # in the chain, holding all acknowledged
     return status if run.replicas == 1 or backups >= run.replicas - 1 else None
 
 

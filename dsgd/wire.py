@@ -50,14 +50,20 @@ PARAMS = "params"  # shard -> worker: a chunk of parameters
 VERSION = "version"  # shard -> all (PUB): my current version
 ERROR = "error"  # shard -> worker: your request was refused (`reason` says why)
 # replication between the processes of one shard range (dsgd.shard.replication)
-JOIN = "join"  # backup -> primary: replicate to me (`worker`: my replica, `incarnation`: mine)
+# JOIN: backup -> primary: replicate to me (`worker`: my replica, `incarnation`: mine,
+# `seq`: which of my joins this is)
+JOIN = "join"
 STATE = "state"  # primary -> backup: one piece of the state it starts from
 REPLICATE = "replicate"  # primary -> backup: [this header, a push's frames], `seq`-th forward
-CONFIRM = "confirm"  # backup -> primary: applied every forward up to `seq`
+# CONFIRM: backup -> primary: applied every forward up to `seq` (0: installed the state)
+CONFIRM = "confirm"
 KINDS = frozenset({PUSH, ACK, FETCH, PARAMS, VERSION, ERROR, JOIN, STATE, REPLICATE, CONFIRM})
 REPLICATION = frozenset({JOIN, STATE, REPLICATE, CONFIRM})
-# an ERROR's status for a push that reached a backup (one being promoted, say): resend it
+# an ERROR's status for a push or a join that reached a process that is no primary (a
+# backup being promoted, say): send it again shortly
 NOT_PRIMARY = "not_primary"
+# an ERROR's status from a primary to a backup it dropped from its chain: join again
+REJOIN = "rejoin"
 
 # encodings
 DENSE = "dense"

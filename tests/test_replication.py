@@ -17,7 +17,13 @@ import pytest
 import zmq.asyncio
 
 from dsgd import wire
+from dsgd.config import TrainConfig
+from dsgd.control import layout_message
+from dsgd.coordinator.core import Coordinator
+from dsgd.examples.digits import digits_mlp
+from dsgd.model import CompiledModel
 from dsgd.optim import SGD
+from dsgd.proto import control_pb2 as pb
 from dsgd.shard.client import PushResult, ShardClient
 from dsgd.shard.core import ShardCore, ShardState
 from dsgd.shard.replication import Chain, Follower
@@ -33,26 +39,59 @@ CHUNK = 1 << 16
 # -- the primary's bookkeeping ------------------------------------------------------------
 
 
-def test_an_ack_waits_for_every_backup_and_a_pruned_backup_releases_it() -> None:
+def test_an_ack_waits_for_every_counted_backup_and_a_pruned_backup_releases_it() -> None:
     chain = Chain()
     assert chain.hold(b"w", ["ack0"]) == [(b"w", ["ack0"])]  # no backups: at once
-    chain.join(b"b1", replica=1, incarnation=11)
-    chain.join(b"b2", replica=2, incarnation=22)
+    chain.join(b"b1", replica=1, incarnation=11, joins=1)
+    chain.join(b"b2", replica=2, incarnation=22, joins=1)
     forwards = chain.forward(["push"])
     assert [identity for identity, _ in forwards] == [b"b1", b"b2"]
     assert forwards[0][1][1:] == ["push"]  # the push's own frames, after the numbering
-    assert chain.hold(b"w", ["ack1"]) == []
-    assert chain.confirm(b"b1", 1) == []  # one backup has it, the other not yet
-    assert chain.confirm(b"stranger", 1) == []  # not a backup: counts for nothing
-    assert chain.confirm(b"b2", 1) == [(b"w", ["ack1"])]
+    # neither installed its snapshot yet: they hold no ACK (nor may they be promoted)
+    assert chain.hold(b"w", ["ack1"]) == [(b"w", ["ack1"])] and chain.report() == []
+    assert chain.confirm(b"b1", 0) == [] and chain.confirm(b"b2", 0) == []  # installed
+    # the snapshot they installed came before forward 1, so they still lack ack1's push
+    assert chain.report() == []
     chain.forward(["push"])
     assert chain.hold(b"w", ["ack2"]) == []
-    chain.confirm(b"b1", 2)
-    # backup 2 died: the coordinator's list no longer holds it, and the ACK goes out
-    assert chain.prune({(1, 11)}) == [(b"w", ["ack2"])]
-    # a newer process of replica 1 replaces the older one
-    chain.join(b"b1-new", replica=1, incarnation=12)
-    assert list(chain.backups) == [b"b1-new"]
+    assert chain.confirm(b"b1", 2) == []  # one backup has it, the other not yet
+    assert chain.confirm(b"stranger", 2) == []  # not a backup: counts for nothing
+    assert chain.confirm(b"b2", 2) == [(b"w", ["ack2"])]
+    assert {b.replica for b in chain.report()} == {1, 2}
+    chain.forward(["push"])
+    assert chain.hold(b"w", ["ack3"]) == []
+    chain.confirm(b"b1", 3)
+    # backup 2 died: the coordinator's list no longer holds it, and the ACK goes out;
+    # it is told to join again (a backup that was only slow still hears it)
+    out = chain.prune({(1, 11)})
+    assert out[-1] == (b"w", ["ack3"])
+    rejoin = wire.unpack_header(out[0][1][0])
+    assert out[0][0] == b"b2" and rejoin.kind == wire.ERROR and rejoin.status == wire.REJOIN
+    # a new join of replica 1 replaces the older one, and starts uncounted
+    chain.join(b"b1-again", replica=1, incarnation=11, joins=2)
+    assert list(chain.backups) == [b"b1-again"] and chain.report() == []
+
+
+def test_a_counted_backup_whose_link_broke_holds_the_acks_until_the_coordinator_knows() -> None:
+    chain = Chain()
+    chain.join(b"b1", replica=1, incarnation=11, joins=1)
+    chain.confirm(b"b1", 0)
+    assert [b.joins for b in chain.report()] == [1] and chain.report_due.is_set()
+    chain.report_due.clear()
+    chain.forward(["push"])
+    assert chain.hold(b"w", ["ack1"]) == []
+    chain.lose(b"b1")  # sending it the forward failed
+    # not promotable any more, and the coordinator is to hear so at once ...
+    assert chain.report() == [] and chain.report_due.is_set()
+    assert chain.forward(["push"]) == [] and chain.hold(b"w", ["ack2"]) == []
+    # ... before which nothing it lacks is acknowledged
+    assert chain.confirm(b"b1", 1) == [] and chain.holding == 2
+    assert chain.forget(chain.leaving()) == [(b"w", ["ack1"]), (b"w", ["ack2"])]
+    assert chain.backups == {}
+    # one still catching up when its link broke holds nothing: it goes at once
+    chain.join(b"b2", replica=2, incarnation=22, joins=1)
+    chain.lose(b"b2")
+    assert chain.backups == {}
 
 
 def _core(size: int = SIZE) -> ShardCore:
@@ -87,6 +126,67 @@ def test_the_books_travel_so_a_resent_chunk_is_applied_once() -> None:
     backup.primary = False
     refusal = wire.decode(backup.handle(_push(2)[0].frames)[0])[0]
     assert refusal.kind == wire.ERROR and backup.rejected["backup"] == 1
+
+
+# -- whom the coordinator promotes -----------------------------------------------------------
+
+
+def test_the_coordinator_promotes_only_a_backup_its_primary_reported_caught_up() -> None:
+    compiled = CompiledModel(digits_mlp(), num_shards=1)
+    config = TrainConfig(
+        model="dsgd.examples.digits:digits_mlp", num_shards=1, replicas=3, heartbeat_timeout=60.0
+    )
+    coordinator = Coordinator(config)
+    coordinator.describe_model(layout_message(compiled.layout))
+    coordinator.accept_initial(compiled.layout.fingerprint, compiled.initial_flat())
+
+    def register(replica: int, incarnation: int) -> pb.RegisterShardReply:
+        endpoint = pb.ShardEndpoint(
+            data_address=f"tcp://127.0.0.1:{5000 + replica}",
+            pub_address=f"tcp://127.0.0.1:{6000 + replica}",
+            incarnation=incarnation,
+        )
+        request = pb.RegisterShardRequest(
+            shard_id=0, endpoint=endpoint, protocol_version=wire.PROTOCOL_VERSION, replica=replica
+        )
+        return coordinator.register_shard(request)
+
+    def beat(replica: int, incarnation: int, **fields: Any) -> pb.HeartbeatReply:
+        return coordinator.heartbeat(
+            pb.HeartbeatRequest(
+                role=pb.ROLE_SHARD, id=0, incarnation=incarnation, replica=replica, **fields
+            )
+        )
+
+    def chain(*members: tuple[int, int, int]) -> list[pb.ChainMember]:
+        return [pb.ChainMember(replica=r, incarnation=i, joins=j) for r, i, j in members]
+
+    assert not register(0, 100).HasField("primary")  # the primary
+    assert register(1, 101).primary.incarnation == 100  # backups of it
+    assert register(2, 102).primary.incarnation == 100
+    beat(0, 100)
+    # replica 1 caught up by its own word, but its primary never reported it: not promoted
+    beat(1, 101, joins=1, caught_up=True)
+    beat(1, 101, joins=1, caught_up=True, lost_primary=100)
+    assert coordinator.shards[0].replica == 0 and coordinator.failovers == 0
+    # the primary reports both; replica 2 joins again (it announces the join first), so
+    # the report, from before that join, no longer makes it promotable
+    beat(2, 102, joins=1, caught_up=True)
+    beat(0, 100, chain=chain((1, 101, 1), (2, 102, 1)))
+    assert [coordinator.promotable(b) for b in coordinator.backups[0].values()] == [True, True]
+    beat(2, 102, joins=2, caught_up=False)
+    beat(2, 102, joins=2, caught_up=True)
+    assert not coordinator.promotable(coordinator.backups[0][2])
+    # replica 1 falls silent: the reply tells the primary to drop it, and from then on it
+    # is not promoted, even once it is heard from again
+    coordinator.backups[0][1].last_seen -= 120.0
+    assert [e.replica for e in beat(0, 100).replicas] == [2]
+    beat(1, 101, joins=1, caught_up=True)
+    assert not coordinator.promotable(coordinator.backups[0][1])
+    # the primary reports replica 2's new join caught up: it is the one promoted
+    beat(0, 100, chain=chain((2, 102, 2)))
+    reply = beat(2, 102, joins=2, caught_up=True, lost_primary=100)
+    assert reply.primary and coordinator.shards[0].replica == 2 and coordinator.failovers == 1
 
 
 # -- a primary and a backup over real sockets ------------------------------------------------
@@ -128,12 +228,108 @@ async def test_a_backup_follows_its_primary_and_every_ack_means_both_applied(
         assert primary.chain.forwarded >= 4 and primary.chain.holding == 0
         # the primary dies: the backup says so
         await primary.aclose()
-        why = await asyncio.wait_for(following, 10.0)
-        assert "dropped" in why
+        ended = await asyncio.wait_for(following, 10.0)
+        assert ended.gone and "dropped" in ended.why
     finally:
         following.cancel()
         await client.aclose()
         await primary.aclose()
+
+
+async def _join(dealer: zmq.asyncio.Socket, joins: int = 1) -> None:
+    """Join as backup replica 1 and take the state, as a Follower does, but by hand."""
+    header = wire.Header(
+        kind=wire.JOIN, fingerprint=FINGERPRINT, shard=0, worker=1, seq=joins, incarnation=5
+    )
+    await dealer.send(wire.pack_header(header))
+    while True:
+        reply = wire.unpack_header(await asyncio.wait_for(dealer.recv(), 10.0))
+        assert reply.kind == wire.STATE, reply
+        if reply.about == "books":
+            return
+        await dealer.recv()  # (the piece's values)
+
+
+def _confirm(seq: int) -> bytes:
+    return wire.pack_header(
+        wire.Header(kind=wire.CONFIRM, fingerprint=FINGERPRINT, shard=0, seq=seq)
+    )
+
+
+async def test_a_push_whose_ack_is_held_past_the_timeout_is_resent_and_applied_once(
+    zmq_ctx: zmq.asyncio.Context,
+) -> None:
+    """A backup that stops confirming holds the ACK past the worker's ``ack_timeout``: a
+    replicated client sends the same push again (DUPLICATE), never a second update."""
+    primary = ShardServer(_core())
+    primary.chain = Chain()
+    await primary.start_serving()
+    before = primary.core.state.params.copy()
+    backup = zmq_ctx.socket(zmq.DEALER)
+    backup.connect(primary.data_address)
+    client = ShardClient(
+        0,
+        primary.data_address,
+        primary.pub_address,
+        FINGERPRINT,
+        1,
+        zmq_ctx,
+        ack_timeout=0.3,
+        replicated=True,
+    )
+    await client.start()
+    try:
+        await _join(backup)
+        await backup.send(_confirm(0))  # installed: the ACKs wait for it from now on
+        done: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
+        assert await client.push(1, _push(1), done.set_result, 10.0)
+        await asyncio.sleep(1.2)  # held: four timeouts, four resends
+        assert not done.done() and client.pushes_resent >= 2
+        assert primary.core.counters["duplicates"] >= 2
+        await backup.send(_confirm(primary.chain.forwarded))
+        result = await asyncio.wait_for(done, 10.0)
+        assert result.complete and result.statuses[0] == AckStatus.APPLIED
+        # applied once: params - lr * 1.0
+        assert primary.core.state.version == 1
+        np.testing.assert_allclose(primary.core.state.params, before - 0.5, rtol=0, atol=1e-6)
+    finally:
+        backup.close(linger=0)
+        await client.aclose()
+        await primary.aclose()
+
+
+async def test_a_join_to_no_primary_and_a_dropped_backup_are_told_to_join_again(
+    zmq_ctx: zmq.asyncio.Context,
+) -> None:
+    not_yet = ShardServer(_core())  # promoted, say, but not told so yet: no chain
+    not_yet.core.primary = False
+    await not_yet.start_serving()
+    primary = ShardServer(_core())
+    primary.chain = Chain()
+    await primary.start_serving()
+    backup_core = _core()
+    backup_core.primary = False
+
+    def install(params: np.ndarray, opt: dict[str, Any], version: int, books: bytes) -> None:
+        backup_core.install(FINGERPRINT, SGD(0.5), ShardState(params, opt, version))
+
+    try:
+        follower = Follower(backup_core, not_yet.data_address, 1, zmq_ctx, install, SIZE)
+        ended = await asyncio.wait_for(follower.run(), 10.0)
+        assert not ended.gone and "not serving as primary" in ended.why
+        assert not follower.caught_up.is_set()
+        follower = Follower(backup_core, primary.data_address, 1, zmq_ctx, install, SIZE)
+        following = asyncio.create_task(follower.run())
+        await asyncio.wait_for(follower.caught_up.wait(), 10.0)
+        await asyncio.sleep(0.2)  # its confirmation that it installed the state is in
+        assert len(primary.chain.report()) == 1
+        # the coordinator stopped counting it (it missed heartbeats, say): it hears so
+        await primary.release(primary.chain.prune(set()))
+        ended = await asyncio.wait_for(following, 10.0)
+        assert not ended.gone and "join again" in ended.why
+    finally:
+        await primary.aclose()
+        await not_yet.aclose()
 
 
 # -- real processes, SIGKILL ---------------------------------------------------------------
@@ -182,7 +378,10 @@ def test_training_with_replicas_reaches_its_target_through_primary_kills(
 ) -> None:
     cluster = Cluster(tmp_path, *SLOW_TRAINING, "--replicas", "2")
     try:
-        cluster.wait_for("training", lambda s: _versions(s) and min(_versions(s)) >= 100)
+        cluster.wait_for(
+            "training, every backup caught up",
+            lambda s: _versions(s) and min(_versions(s)) >= 100 and _backups_alive(s),
+        )
         for kill in range(2):
             status = cluster.status()
             assert status is not None
@@ -209,5 +408,10 @@ def _versions(status: dict[str, Any]) -> list[int]:
 
 
 def _backups_alive(status: dict[str, Any]) -> bool:
+    """Both ranges' backups alive and promotable (in the chain, holding all acknowledged)."""
     shards = [m for m in status.get("members", []) if m["role"] == "ROLE_SHARD"]
-    return len(shards) == 4 and all(m.get("state") == "alive" for m in shards)
+    return (
+        len(shards) == 4
+        and all(m.get("state") == "alive" for m in shards)
+        and sum(1 for m in shards if m.get("promotable")) == 2
+    )

@@ -60,6 +60,10 @@ class Member:
     stats: pb.MemberStats = field(default_factory=pb.MemberStats)
     replica: int = 0  # a shard: which of its range's processes
     caught_up: bool = False  # a backup: it holds its primary's state
+    joins: int = 0  # a backup: which join its process made last
+    # a primary: the backups it last reported holding every update it acknowledged, as
+    # (incarnation, join): the backups the coordinator may promote
+    chain: frozenset[tuple[int, int]] = frozenset()
 
 
 def check_protocol(version: int) -> None:
@@ -333,13 +337,23 @@ class Coordinator:
         )
         return self._registered_reply(shard_id, primary=primary.endpoint)
 
+    def promotable(self, backup: Member) -> bool:
+        """Whether ``backup`` holds every update its range's primary acknowledged: it is
+        alive, caught up, and in the primary's last report of its chain with its current
+        join (a backup announces each new join before it makes it, so a report from
+        before does not count)."""
+        primary = self.shards.get(backup.member_id)
+        return (
+            primary is not None
+            and primary is not backup
+            and backup.caught_up
+            and self.member_state(backup) == "alive"
+            and (backup.incarnation, backup.joins) in primary.chain
+        )
+
     def _promote_a_backup(self, shard_id: int, why: str) -> bool:
-        """Make the live backup that holds the most of the primary's state the primary."""
-        ready = [
-            b
-            for b in self.backups.get(shard_id, {}).values()
-            if b.caught_up and self.member_state(b) == "alive"
-        ]
+        """Make a backup that holds all the primary acknowledged the primary."""
+        ready = [b for b in self.backups.get(shard_id, {}).values() if self.promotable(b)]
         if not ready:
             return False
         self._promote(shard_id, max(ready, key=lambda b: b.stats.version), why)
@@ -377,6 +391,10 @@ class Coordinator:
                 for b in self.backups.get(member.member_id, {}).values()
                 if b.endpoint is not None and self.member_state(b) not in ("dead", "left")
             ]
+            # the primary drops the others from its chain on this reply: from now on they
+            # may miss what it acknowledges
+            kept = {e.incarnation for e in live}
+            member.chain = frozenset(c for c in member.chain if c[0] in kept)
             return {"primary": True, "replicas": live}
         if primary is not None and primary.endpoint is not None:
             return {"primary": False, "replicas": [primary.endpoint]}
@@ -479,15 +497,16 @@ class Coordinator:
         if request.role == pb.ROLE_WORKER:
             self._note_acked(request.stats.counters)
         if request.role == pb.ROLE_SHARD:
-            member.caught_up = request.caught_up
+            member.caught_up, member.joins = request.caught_up, request.joins
             primary = self.shards.get(request.id)
-            if (
+            if primary is member:
+                member.chain = frozenset((c.incarnation, c.joins) for c in request.chain)
+            elif (
                 request.lost_primary
                 and not self.done  # primaries leave at the end of the run: no failover
                 and primary is not None
-                and primary is not member
                 and primary.incarnation == request.lost_primary
-                and member.caught_up
+                and self.promotable(member)
             ):
                 self._promote(request.id, member, "its backup lost the connection to it")
             shard_role = self._shard_reply(member)
@@ -642,6 +661,7 @@ class Coordinator:
                 incarnation=m.incarnation,
                 replica=m.replica,
                 primary=m.role == pb.ROLE_SHARD and self.shards.get(m.member_id) is m,
+                promotable=m.role == pb.ROLE_SHARD and self.promotable(m),
             )
             for m in sorted(self.all_members(), key=lambda m: (m.role, m.member_id, m.replica))
         ]

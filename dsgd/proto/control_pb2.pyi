@@ -239,7 +239,7 @@ class EvaluationReply(_message.Message):
     def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("role", "id", "incarnation", "stats", "leaving", "failure", "replica", "lost_primary", "caught_up")
+    __slots__ = ("role", "id", "incarnation", "stats", "leaving", "failure", "replica", "lost_primary", "caught_up", "joins", "chain")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,8 @@ class HeartbeatRequest(_message.Message):
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     LOST_PRIMARY_FIELD_NUMBER: _ClassVar[int]
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    JOINS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     role: Role
     id: int
     incarnation: int
@@ -258,7 +260,19 @@ class HeartbeatRequest(_message.Message):
     replica: int
     lost_primary: int
     caught_up: bool
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ..., failure: _Optional[str] = ..., replica: _Optional[int] = ..., lost_primary: _Optional[int] = ..., caught_up: _Optional[bool] = ...) -> None: ...
+    joins: int
+    chain: _containers.RepeatedCompositeFieldContainer[ChainMember]
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ..., failure: _Optional[str] = ..., replica: _Optional[int] = ..., lost_primary: _Optional[int] = ..., caught_up: _Optional[bool] = ..., joins: _Optional[int] = ..., chain: _Optional[_Iterable[_Union[ChainMember, _Mapping]]] = ...) -> None: ...
+
+class ChainMember(_message.Message):
+    __slots__ = ("replica", "incarnation", "joins")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    JOINS_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    incarnation: int
+    joins: int
+    def __init__(self, replica: _Optional[int] = ..., incarnation: _Optional[int] = ..., joins: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("shutdown", "reason", "reregister", "shards", "primary", "replicas")
@@ -281,7 +295,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("role", "id", "state", "last_seen_seconds", "stats", "address", "incarnation", "replica", "primary")
+    __slots__ = ("role", "id", "state", "last_seen_seconds", "stats", "address", "incarnation", "replica", "primary", "promotable")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +305,7 @@ class MemberStatus(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    PROMOTABLE_FIELD_NUMBER: _ClassVar[int]
     role: Role
     id: int
     state: str
@@ -300,7 +315,8 @@ class MemberStatus(_message.Message):
     incarnation: int
     replica: int
     primary: bool
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., replica: _Optional[int] = ..., primary: _Optional[bool] = ...) -> None: ...
+    promotable: bool
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., replica: _Optional[int] = ..., primary: _Optional[bool] = ..., promotable: _Optional[bool] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("elapsed_seconds", "test_accuracy", "test_loss", "total_version", "metrics", "eval_seconds", "examples", "final")

@@ -102,12 +102,16 @@ class ShardClient:
         ack_timeout: float = 10.0,
         fetch_timeout: float = 10.0,
         security: Security | None = None,
-        watch: bool = False,
+        replicated: bool = False,
     ) -> None:
         self.shard_id = shard_id
-        # with ``watch``: set when the connection to the shard drops (its process died),
-        # so the owner can ask at once where the range is served now (replicated ranges)
-        self.lost: asyncio.Event | None = asyncio.Event() if watch else None
+        # a replicated range (--replicas above 1): ``lost`` is set when the connection to
+        # the shard drops (its process died), so the owner can ask at once where the range
+        # is served now; and a push that outlives ``ack_timeout`` is sent again as it was
+        # (its at-most-once books make that safe; an ACK can be held that long while a
+        # backup is dropped), not given up, which would apply it a second time
+        self.replicated = replicated
+        self.lost: asyncio.Event | None = asyncio.Event() if replicated else None
         self._monitor: zmq.asyncio.Socket | None = None
         self.security = security  # CURVE keys, for a cluster started with --secure
         self.data_address = data_address
@@ -130,6 +134,7 @@ class ShardClient:
         self.incarnation = 0  # the shard incarnation last seen (ack, reply or broadcast)
         self.last_heard = time.monotonic()
         self.bytes_pushed = 0
+        self.pushes_resent = 0  # (replicated) pushes sent again after ack_timeout
         self.connected_to = ""
         # the highest version an APPLIED ack named, per shard incarnation (the last two):
         # what the coordinator needs to count acknowledged pushes a restart lost
@@ -191,10 +196,7 @@ class ShardClient:
         loop = asyncio.get_running_loop()
         resent = 0
         for seq, pending in list(self._pushes.items()):
-            for i, chunk in enumerate(pending.chunks):
-                if i not in pending.statuses:
-                    await self._dealer.send(chunk.frames)
-                    resent += 1
+            resent += await self._send_unacknowledged(seq)
             if pending.expiry is not None:  # a new primary: a full wait for its ACKs
                 pending.expiry.cancel()
                 pending.expiry = loop.call_later(self.ack_timeout, self._expire_push, seq)
@@ -274,6 +276,19 @@ class ShardClient:
         return True
 
     def _expire_push(self, seq: int) -> None:
+        pending = self._pushes.get(seq)
+        if self.replicated and pending is not None and not self._closed:
+            log.warning(
+                "shard %d did not acknowledge push %d within %.0f s; sending it again",
+                self.shard_id,
+                seq,
+                self.ack_timeout,
+            )
+            self.pushes_resent += 1
+            self._spawn(self._send_unacknowledged(seq), "resend")
+            loop = asyncio.get_running_loop()
+            pending.expiry = loop.call_later(self.ack_timeout, self._expire_push, seq)
+            return
         log.warning(
             "shard %d did not acknowledge push %d within %.0f s",
             self.shard_id,
@@ -281,6 +296,18 @@ class ShardClient:
             self.ack_timeout,
         )
         self._finish_push(seq)
+
+    async def _send_unacknowledged(self, seq: int) -> int:
+        """Send push ``seq``'s unacknowledged chunks again, unchanged; how many."""
+        pending = self._pushes.get(seq)
+        if pending is None or self._dealer is None or self._closed:
+            return 0
+        sent = 0
+        for i, chunk in enumerate(pending.chunks):
+            if i not in pending.statuses:
+                await self._dealer.send(chunk.frames)
+                sent += 1
+        return sent
 
     def _finish_push(self, seq: int) -> None:
         """Hand a push's result to its caller (all chunks settled, timed out or closed)."""

@@ -227,21 +227,21 @@ class ShardCore:
         try:
             header, arrays = wire.decode(message)
         except ProtocolError as exc:
-            return [self._refuse("malformed", str(exc))]
+            return [self.refuse("malformed", str(exc))]
         if not self.installed:
             reason = f"shard {self.shard_id} has no parameters yet; retry shortly"
-            return [self._refuse("not_ready", reason, header)]
+            return [self.refuse("not_ready", reason, header)]
         if header.fingerprint != self.fingerprint or header.shard != self.shard_id:
             reason = (
                 f"layout fingerprint {header.fingerprint:016x} / shard {header.shard} does not "
                 f"match this shard ({self.fingerprint:016x} / {self.shard_id}): the peer runs "
                 "another model or shard count"
             )
-            return [self._refuse("layout", reason, header)]
+            return [self.refuse("layout", reason, header)]
         if header.kind == wire.PUSH:
             if not (self.primary or replicated):
                 reason = f"shard {self.shard_id} is a backup now; push to its primary"
-                return [self._refuse("backup", reason, header, wire.NOT_PRIMARY)]
+                return [self.refuse("backup", reason, header, wire.NOT_PRIMARY)]
             ack = self._ack(header, self.apply(header, arrays))
             if acks is not None:
                 acks.append(ack)
@@ -249,7 +249,7 @@ class ShardCore:
             return [[wire.pack_header(ack)]]
         if header.kind == wire.FETCH:
             return self.plan_fetch(header)
-        return [self._refuse("kind", f"a shard does not accept {header.kind!r} messages", header)]
+        return [self.refuse("kind", f"a shard does not accept {header.kind!r} messages", header)]
 
     def apply(self, header: wire.Header, arrays: list[np.ndarray]) -> Outcome:
         """Check and apply one decoded push chunk in place (the push part of :data:`CHECKS`).
@@ -432,7 +432,7 @@ class ShardCore:
             dtype="float32",
         )
 
-    def _refuse(
+    def refuse(
         self, key: str, reason: str, request: wire.Header | None = None, status: str = ""
     ) -> list[Any]:
         """Count and log a refusal; the ERROR message that answers it (``status``: a word

@@ -42,7 +42,7 @@ from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
 from dsgd.security import Security, check_listen, from_arguments
 from dsgd.shard.core import ShardCore, ShardState
-from dsgd.shard.replication import Chain, Follower
+from dsgd.shard.replication import Chain, Ended, Follower
 from dsgd.shard.server import ShardServer
 from dsgd.stats import StalenessHistogram, paced_interval
 from dsgd.types import ShardRange
@@ -52,6 +52,7 @@ from dsgd.wire import PROTOCOL_VERSION
 # snapshot and write (600 MB with Adagrad) took 2 s, and every 5 s that slowed the workers'
 # steps on the same cores by a tenth
 CHECKPOINT_DUTY = 0.1
+REJOIN_PAUSE = 0.2  # seconds a backup waits before it joins again (or asks again)
 
 log = logging.getLogger("dsgd.shard")
 
@@ -104,6 +105,9 @@ class ShardProcess:
         self._registered: pb.RegisterShardReply | None = None
         self._role_changed = asyncio.Event()
         self._lost_primary = 0  # the incarnation of a primary this backup saw go
+        self._joins = 0  # joins this process made as a backup (each is announced first)
+        self._beating = asyncio.Lock()  # heartbeats in order: what the coordinator last
+        # heard from this process is what it said last
 
     @property
     def shard_id(self) -> int:
@@ -164,7 +168,7 @@ class ShardProcess:
             except CheckpointError as exc:
                 log.warning("shard %d: final checkpoint failed: %s", self.shard_id, exc)
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await self.link.heartbeat_once(self._heartbeat(leaving=True))
+            await self._beat(leaving=True)
         if self._grpc is not None:
             await self._grpc.stop(grace=0.2)
         await self.server.aclose()
@@ -226,7 +230,7 @@ class ShardProcess:
         self._registered = reply
         if reply.HasField("primary"):  # a backup: take the primary's state, not ours
             self._become_backup(reply.primary)
-            await self.link.heartbeat_once(self._heartbeat())
+            await self._beat()
             return True
         if held is not None and held.fingerprint != reply.layout_fingerprint:
             raise CheckpointError(
@@ -238,7 +242,7 @@ class ShardProcess:
             await self._install(reply, held if core.primary else None)
         self._become_primary()
         # report at once, so the coordinator marks this shard ready without waiting a period
-        await self.link.heartbeat_once(self._heartbeat())
+        await self._beat()
         return True
 
     async def _install(
@@ -326,46 +330,74 @@ class ShardProcess:
         self._role_changed.set()
 
     async def _replicate(self, stop: asyncio.Event) -> None:
-        """While a backup, follow the primary; when it goes, ask at once to be promoted."""
+        """While a backup, follow the primary, joining again whenever a join ends; when
+        the primary's connection drops, ask at once to be promoted."""
         while not stop.is_set():
             self._role_changed.clear()
             target = self.follow
-            if target is None or target.incarnation == self._lost_primary:
+            if target is None:
                 await self._role_changed.wait()
                 continue
-            reply = self._registered
-            assert reply is not None
-            follower = self.follower = Follower(
-                self.core,
-                target.data_address,
-                self.replica,
-                self.ctx,
-                self._install_replica,
-                reply.stop - reply.start,
-                self.security,
-            )
-            following = asyncio.ensure_future(follower.run())
-            changed = asyncio.ensure_future(self._role_changed.wait())
-            try:
-                await asyncio.wait({following, changed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (following, changed):
-                    if not task.done():
-                        task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            gone = following.done() and not following.cancelled() and self.follow is target
-            if gone:
-                log.warning(
-                    "shard %d replica %d: %s", self.shard_id, self.replica, following.result()
-                )
-                self._lost_primary = target.incarnation
-                if follower.caught_up.is_set():  # the range waits: ask now, not next beat
-                    answer = await self.link.heartbeat_once(self._heartbeat())
-                    if answer is not None:
-                        await self._follow_reply(answer)
-            if self.follower is follower and not self.core.primary:
-                self.follower = None
+            # the coordinator hears of a new join before the primary does: from now on it
+            # promotes this process only once the primary reports this join caught up
+            self._joins += 1
+            self._lost_primary, self.follower = 0, None
+            answer = await self._beat()
+            if answer is not None:
+                await self._follow_reply(answer)
+            if answer is None or self.follow is not target:
+                await self._pause(REJOIN_PAUSE)
+                continue
+            ended = await self._follow_once(target)
+            if ended is None:  # the role changed meanwhile
+                continue
+            log.warning("shard %d replica %d: %s", self.shard_id, self.replica, ended.why)
+            if ended.gone and self.follower is not None and self.follower.caught_up.is_set():
+                await self._ask_promotion(target, stop)  # the range waits: now, not next beat
+            await self._pause(REJOIN_PAUSE)
+
+    async def _follow_once(self, target: pb.ShardEndpoint) -> Ended | None:
+        """One join of ``target``, until it ends (None: the role changed first)."""
+        reply = self._registered
+        assert reply is not None
+        follower = self.follower = Follower(
+            self.core,
+            target.data_address,
+            self.replica,
+            self.ctx,
+            self._install_replica,
+            reply.stop - reply.start,
+            self.security,
+            joins=self._joins,
+        )
+        following = asyncio.ensure_future(follower.run())
+        changed = asyncio.ensure_future(self._role_changed.wait())
+        try:
+            await asyncio.wait({following, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (following, changed):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if following.cancelled() or self.follow is not target:
+            return None
+        return following.result()
+
+    async def _ask_promotion(self, lost: pb.ShardEndpoint, stop: asyncio.Event) -> None:
+        """Tell the coordinator the primary's connection dropped, until it answers."""
+        self._lost_primary = lost.incarnation
+        while not stop.is_set() and self.follow is lost:
+            answer = await self._beat()
+            if answer is not None:
+                await self._follow_reply(answer)
+                return
+            await self._pause(REJOIN_PAUSE)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the role changes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._role_changed.wait(), seconds)
 
     def _install_replica(
         self, params: np.ndarray, opt_state: dict[str, np.ndarray], version: int, books: bytes
@@ -474,8 +506,14 @@ class ShardProcess:
         counters = core.stats()
         counters["checkpoint_version"] = float(self.saved_version)
         chain = self.server.chain
-        if chain is not None:
+        members: list[pb.ChainMember] = []
+        if chain is not None and core.primary:
+            members = [
+                pb.ChainMember(replica=b.replica, incarnation=b.incarnation, joins=b.joins)
+                for b in chain.report()
+            ]
             counters["replication_backups"] = float(len(chain.backups))
+            counters["replication_backups_ready"] = float(len(members))
             counters["replication_acks_held"] = float(chain.holding)
         follower = self.follower
         caught_up = core.primary or (follower is not None and follower.caught_up.is_set())
@@ -489,15 +527,29 @@ class ShardProcess:
             replica=self.replica,
             lost_primary=0 if core.primary else self._lost_primary,
             caught_up=caught_up and core.installed,
+            joins=self._joins,
+            chain=members,
         )
+
+    async def _beat(self, leaving: bool = False) -> pb.HeartbeatReply | None:
+        """One heartbeat, in order with the others. A backup that left the chain while
+        the coordinator still counted it is dropped once this heartbeat told it so."""
+        async with self._beating:
+            chain = self.server.chain
+            leaving_backups = chain.leaving() if chain is not None else set()
+            if chain is not None:
+                chain.report_due.clear()
+            reply = await self.link.heartbeat_once(self._heartbeat(leaving))
+            if chain is not None and reply is not None and reply.primary:  # still primary
+                await self.server.release(chain.forget(leaving_backups))
+            return reply
 
     async def _heartbeat_until_done(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.heartbeat_interval)
+            await self._until_beat_due(stop)
             if stop.is_set():
                 return
-            reply = await self.link.heartbeat_once(self._heartbeat())
+            reply = await self._beat()
             if reply is None:
                 continue
             if reply.shutdown:
@@ -508,6 +560,19 @@ class ShardProcess:
                 await self.register(stop)
             else:
                 await self._follow_reply(reply)
+
+    async def _until_beat_due(self, stop: asyncio.Event) -> None:
+        """A heartbeat period, or less: when stopping, or when the chain has news for the
+        coordinator (a backup caught up or left)."""
+        waits = [asyncio.ensure_future(stop.wait())]
+        chain = self.server.chain
+        if chain is not None:
+            waits.append(asyncio.ensure_future(chain.report_due.wait()))
+        try:
+            await asyncio.wait(waits, timeout=self.config.heartbeat_interval)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 class ShardControl(pb_grpc.ShardServicer):

@@ -24,7 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
@@ -52,70 +52,141 @@ class Backup:
     identity: bytes
     replica: int
     incarnation: int
-    confirmed: int  # the last forward it confirmed
+    joins: int  # which of its process's joins this is
+    confirmed: int  # the last forward it confirmed (the snapshot it started from: all before)
+    counted: bool = False  # it installed the snapshot: the ACKs wait for its confirmations
+    leaving: bool = False  # its connection broke: dropped once the coordinator knows
 
 
 @dataclass
 class Chain:
     """What a primary knows of its backups. Every method is a quick, synchronous step
-    of the shard's loop; what it returns is for the caller to send."""
+    of the shard's loop; what it returns is for the caller to send.
+
+    The rule that keeps promotions safe: the primary stops waiting for a counted backup
+    only once the coordinator knows it may no longer promote it (it said so in the
+    heartbeat reply, :meth:`prune`; or the primary told it, :meth:`lose` then
+    :meth:`forget`; or the backup itself said it joins again). :meth:`report` lists
+    the backups that hold every update acknowledged so far, the only ones the
+    coordinator promotes; ``report_due`` is set when that list changes.
+    """
 
     backups: dict[bytes, Backup] = field(default_factory=dict)
     forwarded: int = 0  # forwards numbered so far
+    released: int = 0  # the highest forward an ACK sent so far waited for
+    report_due: asyncio.Event = field(default_factory=asyncio.Event)
     _held: deque[tuple[int, bytes, Frames]] = field(default_factory=deque)
 
-    def join(self, identity: bytes, replica: int, incarnation: int) -> None:
-        """Take a backup (a newer process of the same replica replaces the older one)."""
+    def join(self, identity: bytes, replica: int, incarnation: int, joins: int) -> Outgoing:
+        """Take a backup; it replaces any older join of the same replica (whose process
+        told the coordinator it joins again before it sent this)."""
         for known, backup in list(self.backups.items()):
             if backup.replica == replica:
                 del self.backups[known]
-        self.backups[identity] = Backup(identity, replica, incarnation, self.forwarded)
+        self.backups[identity] = Backup(identity, replica, incarnation, joins, self.forwarded)
         log.info("backup replica %d (incarnation %x) joined", replica, incarnation)
+        return self._release()
 
     def forward(self, frames: Frames) -> Outgoing:
         """The messages that hand one handled push (its frames) to every backup."""
+        targets = [b.identity for b in self.backups.values() if not b.leaving]
         if not self.backups:
             return []
         self.forwarded += 1
         header = wire.pack_header(
             wire.Header(kind=wire.REPLICATE, fingerprint=0, shard=0, seq=self.forwarded)
         )
-        return [(identity, [header, *frames]) for identity in self.backups]
+        return [(identity, [header, *frames]) for identity in targets]
 
     def hold(self, identity: bytes, frames: Frames) -> Outgoing:
         """An ACK for ``identity``: sent now when every backup has what it acknowledges,
         else held until they confirmed it."""
         if self.watermark() >= self.forwarded:
+            self.released = self.forwarded
             return [(identity, frames)]
         self._held.append((self.forwarded, identity, frames))
         return []
 
     def confirm(self, identity: bytes, seq: int) -> Outgoing:
+        """A backup applied every forward up to ``seq`` (0: it installed its snapshot)."""
         backup = self.backups.get(identity)
-        if backup is not None and backup.confirmed < seq <= self.forwarded:
+        if backup is None or backup.leaving:
+            return []
+        was_ready = self.ready(backup)
+        backup.counted = True
+        if backup.confirmed < seq <= self.forwarded:
             backup.confirmed = seq
+        out = self._release()
+        if self.ready(backup) and not was_ready:
+            self.report_due.set()
+        return out
+
+    def lose(self, identity: bytes) -> None:
+        """A backup's connection broke. One still catching up goes at once; a counted
+        one keeps holding the ACKs until the coordinator knows (:meth:`forget`)."""
+        backup = self.backups.get(identity)
+        if backup is None or backup.leaving:
+            return
+        if not backup.counted:
+            del self.backups[identity]
+            return
+        backup.leaving = True
+        log.warning("backup replica %d is unreachable", backup.replica)
+        self.report_due.set()
+
+    def leaving(self) -> set[bytes]:
+        return {b.identity for b in self.backups.values() if b.leaving}
+
+    def forget(self, identities: set[bytes]) -> Outgoing:
+        """Drop backups that were leaving when the coordinator last heard this chain."""
+        for identity in identities:
+            backup = self.backups.get(identity)
+            if backup is not None and backup.leaving:
+                del self.backups[identity]
+                log.warning("backup replica %d left the chain", backup.replica)
         return self._release()
 
     def prune(self, allowed: set[tuple[int, int]]) -> Outgoing:
-        """Drop the backups the coordinator no longer counts (dead, replaced)."""
+        """Drop the backups the coordinator no longer counts (dead, replaced), and tell
+        each to join again (one that was only slow, say, still hears it)."""
+        out: Outgoing = []
         for identity, backup in list(self.backups.items()):
             if (backup.replica, backup.incarnation) not in allowed:
                 del self.backups[identity]
                 log.warning("backup replica %d left the chain", backup.replica)
-        return self._release()
+                rejoin = wire.Header(
+                    kind=wire.ERROR,
+                    fingerprint=0,
+                    shard=0,
+                    about=wire.JOIN,
+                    status=wire.REJOIN,
+                    reason="the coordinator stopped counting this backup; join again",
+                )
+                out.append((identity, [wire.pack_header(rejoin)]))
+        return out + self._release()
 
     def clear(self) -> Outgoing:
         self.backups.clear()
         return self._release()
 
+    def ready(self, backup: Backup) -> bool:
+        """Whether the backup holds every update this primary acknowledged."""
+        return backup.counted and not backup.leaving and backup.confirmed >= self.released
+
+    def report(self) -> list[Backup]:
+        """The backups the coordinator may promote."""
+        return [b for b in self.backups.values() if self.ready(b)]
+
     def watermark(self) -> int:
-        """The last forward every backup confirmed."""
-        return min((b.confirmed for b in self.backups.values()), default=self.forwarded)
+        """The last forward every counted backup confirmed."""
+        counted = [b.confirmed for b in self.backups.values() if b.counted]
+        return min(counted, default=self.forwarded)
 
     def _release(self) -> Outgoing:
         mark, out = self.watermark(), []
         while self._held and self._held[0][0] <= mark:
-            _, identity, frames = self._held.popleft()
+            index, identity, frames = self._held.popleft()
+            self.released = max(self.released, index)
             out.append((identity, frames))
         return out
 
@@ -155,13 +226,26 @@ def state_messages(core: ShardCore) -> list[Frames]:
 Install = Callable[[np.ndarray, dict[str, np.ndarray], int, bytes], None]
 
 
+class Ended(NamedTuple):
+    """Why a :class:`Follower` stopped following."""
+
+    gone: bool  # the connection to the primary dropped: it may be dead (ask for promotion)
+    why: str
+
+
+class _Refused(Exception):
+    """The primary turned the join away, or dropped this backup: join again."""
+
+
 class Follower:
-    """A backup's link to its primary: join, take the state, apply and confirm forwards.
+    """A backup's link to its primary, for one join: join, take the state, apply and
+    confirm forwards.
 
     ``install(params, opt_state, version, books)`` takes the snapshot (the shard process
-    installs it in its core); ``caught_up`` is set from then on. :meth:`run` returns when
-    the primary is gone (its connection dropped, or it never answered the join): the
-    caller then asks the coordinator to promote a backup.
+    installs it in its core); ``caught_up`` is set from then on. :meth:`run` returns
+    when this join is over, saying whether the primary's connection dropped (the caller
+    asks the coordinator to promote a backup) or the join is to be made again (the
+    process was not primary yet, dropped this backup, or did not answer).
     """
 
     def __init__(
@@ -173,19 +257,21 @@ class Follower:
         install: Install,
         size: int,
         security: Security | None = None,
+        joins: int = 1,
     ) -> None:
         self.core = core
         self.size = size  # parameters in the range
         self.primary_address = primary_address
         self.replica = replica
+        self.joins = joins  # which join of this process this is (the coordinator knows)
         self.install = install
         self.caught_up = asyncio.Event()
         self._ctx = context
         self._security = security
         self.applied = 0  # forwards applied
 
-    async def run(self) -> str:
-        """Follow the primary until it is gone; return why it is considered gone."""
+    async def run(self) -> Ended:
+        """Follow the primary until this join is over; say why it ended."""
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.RCVHWM, 100_000)
@@ -199,6 +285,7 @@ class Follower:
                 fingerprint=self.core.fingerprint,
                 shard=self.core.shard_id,
                 worker=self.replica,
+                seq=self.joins,
                 incarnation=self.core.incarnation,
             )
             await dealer.send(wire.pack_header(join))
@@ -212,37 +299,46 @@ class Follower:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             if following in done:
-                return str(following.result())
-            return f"the connection to its primary at {self.primary_address} dropped"
+                return following.result()
+            return Ended(True, f"the connection to its primary at {self.primary_address} dropped")
         finally:
             dealer.disable_monitor()
             monitor.close(linger=0)
             dealer.close(linger=0)
 
-    async def _follow(self, dealer: zmq.asyncio.Socket) -> str:
+    async def _follow(self, dealer: zmq.asyncio.Socket) -> Ended:
         try:
             await asyncio.wait_for(self._catch_up(dealer), CATCH_UP_TIMEOUT)
         except TimeoutError:
-            return f"its primary at {self.primary_address} sent no state in time"
+            return Ended(False, f"its primary at {self.primary_address} sent no state in time")
+        except _Refused as exc:
+            return Ended(False, str(exc))
+        await dealer.send(wire.pack_header(self._confirm(0)))  # counted from now on
         while True:
-            frames = await dealer.recv_multipart(copy=False)
-            confirmed = self._apply(frames)
-            # apply what else arrived, then confirm them all at once
-            while int(dealer.get(zmq.EVENTS)) & zmq.POLLIN:
-                confirmed = self._apply(await dealer.recv_multipart(copy=False)) or confirmed
+            try:
+                frames = await dealer.recv_multipart(copy=False)
+                confirmed = self._apply(frames)
+                # apply what else arrived, then confirm them all at once
+                while int(dealer.get(zmq.EVENTS)) & zmq.POLLIN:
+                    confirmed = self._apply(await dealer.recv_multipart(copy=False)) or confirmed
+            except _Refused as exc:
+                return Ended(False, str(exc))
             if confirmed:
-                confirm = wire.Header(
-                    kind=wire.CONFIRM,
-                    fingerprint=self.core.fingerprint,
-                    shard=self.core.shard_id,
-                    seq=confirmed,
-                )
-                await dealer.send(wire.pack_header(confirm))
+                await dealer.send(wire.pack_header(self._confirm(confirmed)))
+
+    def _confirm(self, seq: int) -> wire.Header:
+        return wire.Header(
+            kind=wire.CONFIRM, fingerprint=self.core.fingerprint, shard=self.core.shard_id, seq=seq
+        )
 
     def _apply(self, frames: list[Any]) -> int:
         """Apply one forward; its number (0 for anything else)."""
         header = _header(frames)
-        if header is None or header.kind != wire.REPLICATE:
+        if header is None:
+            return 0
+        if header.kind == wire.ERROR:
+            raise _Refused(f"its primary at {self.primary_address} said: {header.reason}")
+        if header.kind != wire.REPLICATE:
             return 0
         self.core.handle(frames[1:], [], replicated=True)
         self.applied += 1
@@ -255,6 +351,8 @@ class Follower:
         while True:
             frames = await dealer.recv_multipart(copy=False)
             header = _header(frames)
+            if header is not None and header.kind == wire.ERROR:
+                raise _Refused(f"{self.primary_address} said: {header.reason}")
             if header is None or header.kind != wire.STATE or len(frames) != 2:
                 continue
             data = frames[1].buffer

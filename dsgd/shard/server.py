@@ -135,7 +135,7 @@ class ShardServer:
                     core.rate_log.warning("framing", "a message without an identity and a header")
                     continue
                 identity = frames[0].bytes
-                if chain is not None and await self._replication(router, identity, frames):
+                if await self._replication(router, identity, frames):
                     continue
                 pushed = acks.setdefault(identity, [])
                 before = len(pushed)
@@ -143,7 +143,9 @@ class ShardServer:
                     if not await self._send(router, identity, reply):
                         break
                 if chain is not None and len(pushed) > before:  # a push reached apply
-                    await self._send_all(router, chain.forward(frames[1:]))
+                    for backup, message in chain.forward(frames[1:]):
+                        if not await self._send(router, backup, message):
+                            chain.lose(backup)  # its connection broke
             for identity, headers in acks.items():
                 for ack in wire.merge_acks(headers):
                     message = [wire.pack_header(ack)]
@@ -159,23 +161,34 @@ class ShardServer:
 
     async def _replication(self, router: LoopSocket, identity: bytes, frames: list[Any]) -> bool:
         """Handle a backup's join or confirmation; False for any other message."""
-        assert self.chain is not None
         try:
             header = wire.unpack_header(frames[1].bytes)
         except (ProtocolError, IndexError):
             return False  # the core refuses it, and counts it
-        if header.kind not in wire.REPLICATION:
+        if header.kind not in (wire.JOIN, wire.CONFIRM):
             return False
-        core = self.core
+        core, chain = self.core, self.chain
+        if chain is None or not core.primary or not core.installed:
+            if header.kind != wire.JOIN:
+                return False  # a confirmation for no chain: the core refuses it
+            # promoted but not told yet, say: the backup joins again shortly
+            reason = f"shard {core.shard_id} is not serving as primary (yet)"
+            refusal = core.refuse("backup", reason, header, wire.NOT_PRIMARY)
+            await self._send(router, identity, refusal)
+            return True
         if header.fingerprint != core.fingerprint or header.shard != core.shard_id:
             core.rejected["layout"] += 1
             return True
-        if header.kind == wire.JOIN and core.primary and core.installed:
-            self.chain.join(identity, header.worker, header.incarnation)
+        if header.kind == wire.JOIN:
+            await self._send_all(
+                router, chain.join(identity, header.worker, header.incarnation, header.seq)
+            )
             for message in state_messages(core):
-                await self._send(router, identity, message)
-        elif header.kind == wire.CONFIRM:
-            await self._send_all(router, self.chain.confirm(identity, header.seq))
+                if not await self._send(router, identity, message):
+                    chain.lose(identity)
+                    break
+        else:
+            await self._send_all(router, chain.confirm(identity, header.seq))
         return True
 
     async def release(self, outgoing: Outgoing) -> None:

@@ -171,7 +171,7 @@ class Replica:
             self._ctx,
             max_inflight=self.config.max_inflight,
             security=self._security,
-            watch=self.config.replicas > 1,  # a primary lost: ask at once who took over
+            replicated=self.config.replicas > 1,
         )
 
     def shard_lost(self) -> bool:
@@ -480,6 +480,7 @@ class Replica:
         counters = {k: float(v) for k, v in self.counters.items()}
         for client in self.clients:
             counters.update(acked_counters(client.shard_id, client.acked_versions))
+        counters["pushes_resent"] = float(sum(c.pushes_resent for c in self.clients))
         return {
             "version": int(sum(max(v, 0) for v in self.held_versions)),
             "step": self.step,
