@@ -3,6 +3,7 @@ acknowledged update is lost or applied twice.
 
     python -m bench.failover --kills 20 [--replicas 2] [--params 1000000] [--workers 2]
                              [--out FILE]
+    python -m bench.failover --kills 6 --backup-faults 6     # backups killed and stalled too
     python -m bench.failover --kills 0 --replicas R --seconds 15   # throughput alone
 
 A real coordinator (``--replicas R``, one shard range, plain SGD) and R real shard
@@ -17,6 +18,12 @@ failover (the kill to the first push acknowledged by the promoted replica), star
 killed process again and wait until it has caught up as a backup. At the end the
 parameters of every replica must equal ``-lr * sum_w n_w * g_w`` exactly (n_w: pushes
 worker w saw acknowledged): zero acknowledged updates lost, none applied twice.
+
+With ``--backup-faults N``, each of the first N primary kills comes after a fault of a
+backup, alternately a SIGKILL (the primary drops it as its link breaks) and a SIGSTOP
+longer than the heartbeat timeout (the coordinator stops counting it, the primary drops
+it and tells it to join again once it runs). It reports the longest wait for an ACK
+meanwhile, and the primary kill that follows shows the backup, rejoined, holds all.
 
 With ``--kills 0`` it measures what replication costs instead: acknowledged pushes per
 second (and GB/s of gradient) over ``--seconds``, with nothing killed.
@@ -354,6 +361,46 @@ async def _kill_primary(run: Run, pushers: Pushers, kill: int) -> tuple[str, flo
     return name, first - killed_at, sum(status.lost_pushes.values()) - lost_before
 
 
+async def _fault_backup(run: Run, pushers: Pushers, how: str) -> tuple[str, float, float]:
+    """SIGKILL a backup (and start it again 1 s later), or stop it (SIGSTOP) for longer
+    than the heartbeat timeout, so that the coordinator and its primary drop it, and let
+    it go on; return once it is promotable again, with its name and the longest pauses
+    between acknowledgements: until it is started or continued again (how long the
+    primary took to drop it), and until it is promotable again (its rejoin included)."""
+    link = pushers.link
+    status = await _poll("the replicas", partial(_replicated, run, link))
+    backup = next(m for m in status.members if m.role == pb.ROLE_SHARD and m.promotable)
+    name = f"shard-r{backup.replica}"
+    began = time.monotonic()
+    if how == "kill":
+        os.kill(run.procs[name].pid, signal.SIGKILL)
+        await asyncio.sleep(1.0)
+        dropped = _longest_gap(run.acks, began, time.monotonic())
+        run.restart(name)
+    else:
+        os.kill(run.procs[name].pid, signal.SIGSTOP)
+        await asyncio.sleep(TrainConfig().heartbeat_timeout + 1.0)
+        dropped = _longest_gap(run.acks, began, time.monotonic())
+        os.kill(run.procs[name].pid, signal.SIGCONT)
+    failovers, killed = int(status.failovers), backup.incarnation if how == "kill" else 0
+
+    async def back() -> bool:  # (a new process, when it was killed)
+        now = await _replicated(run, link, failovers)
+        return now is not None and any(
+            m.promotable and m.replica == backup.replica and m.incarnation != killed
+            for m in now.members
+        )
+
+    await _poll("the backup to be promotable again", back)
+    return name, dropped, _longest_gap(run.acks, began, time.monotonic())
+
+
+def _longest_gap(acks: list[tuple[float, str]], start: float, end: float) -> float:
+    """The longest time without an acknowledgement between ``start`` and ``end``."""
+    times = [start, *(t for t, _ in acks if start < t < end), end]
+    return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+
 async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     run = Run(tmp, args.replicas, args.params)
     rng = random.Random(args.seed)
@@ -373,7 +420,25 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         if not args.kills:  # throughput alone: acknowledged pushes over a quiet window
             await asyncio.sleep(args.seconds)
         rate = None if args.kills else (sum(run.acked) - pushed) / (time.monotonic() - began)
+        backup_faults: list[dict[str, Any]] = []
         for kill in range(args.kills):
+            if kill < args.backup_faults:  # a backup first; the primary kill then shows
+                how = ("kill", "stop")[kill % 2]  # the backup it promotes holds everything
+                await asyncio.sleep(rng.uniform(0.3, 1.5))
+                name, dropped, gap = await _fault_backup(run, pushers, how)
+                backup_faults.append(
+                    {
+                        "fault": how,
+                        "replica": name,
+                        "ack_gap_until_dropped_s": dropped,
+                        "ack_gap_until_rejoined_s": gap,
+                    }
+                )
+                print(
+                    f"  backup fault {kill + 1}: {how} {name}, longest wait for an ACK "
+                    f"{dropped * 1000:.0f} ms until dropped, {gap * 1000:.0f} ms with the rejoin",
+                    flush=True,
+                )
             await asyncio.sleep(rng.uniform(0.3, 1.5))
             name, seconds, lost = await _kill_primary(run, pushers, kill)
             failovers.append(seconds)
@@ -414,6 +479,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "pushes_per_s": rate,
         "push_gbps": None if rate is None else rate * 4 * args.params / 1e9,
         "lost_per_kill": lost_per_kill,
+        "backup_faults": backup_faults,
         "coordinator_failovers": int(status.failovers),
         "replicas_exact": replicas_exact,
         "exact": bool(replicas_exact) and all(replicas_exact),
@@ -514,6 +580,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--backup-faults",
+        type=int,
+        default=0,
+        help="before each of the first N primary kills, SIGKILL or SIGSTOP a backup (alternately)",
+    )
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--checkpoint-every", type=float, default=5.0)

@@ -350,9 +350,14 @@ def _failover(tmp_path: Path, *argv: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_primaries_killed_at_random_lose_no_acknowledged_update(tmp_path: Path) -> None:
-    """R = 2, two workers pushing: SIGKILL the primary 6 times at random points; every
-    replica's parameters equal applying each acknowledged push exactly once."""
-    result = _failover(tmp_path, "--kills", "6", "--params", "100000", "--seed", "3")
+    """R = 2, two workers pushing: SIGKILL the primary 6 times at random points, the first
+    two after a backup was killed, then stopped past the heartbeat timeout (dropped from
+    the chain, it joins again); every replica's parameters equal applying each
+    acknowledged push exactly once."""
+    result = _failover(
+        tmp_path, "--kills", "6", "--backup-faults", "2", "--params", "100000", "--seed", "3"
+    )
+    assert [f["fault"] for f in result["backup_faults"]] == ["kill", "stop"]
     assert result["coordinator_failovers"] == 6
     assert result["lost_per_kill"] == [0] * 6
     assert result["exact"] and len(result["replicas_exact"]) == 2, result

@@ -569,7 +569,9 @@ class ShardProcess:
         if chain is not None:
             waits.append(asyncio.ensure_future(chain.report_due.wait()))
         try:
-            await asyncio.wait(waits, timeout=self.config.heartbeat_interval)
+            await asyncio.wait(
+                waits, timeout=self.config.heartbeat_interval, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for wait in waits:
                 wait.cancel()

@@ -134,6 +134,17 @@ class Chain:
         log.warning("backup replica %d is unreachable", backup.replica)
         self.report_due.set()
 
+    def waited_on(self) -> list[bytes]:
+        """The backups the oldest held ACK waits for (to probe: is their link still up?)."""
+        if not self._held:
+            return []
+        index = self._held[0][0]
+        return [
+            b.identity
+            for b in self.backups.values()
+            if b.counted and not b.leaving and b.confirmed < index
+        ]
+
     def leaving(self) -> set[bytes]:
         return {b.identity for b in self.backups.values() if b.leaving}
 

@@ -9,7 +9,8 @@
   when nothing changed;
 - with a :class:`~dsgd.shard.replication.Chain` (``--replicas`` above 1), the ROUTER also
   takes backups' joins and confirmations: a primary forwards every push it handled to
-  its backups and holds the ACKs until they confirmed it.
+  its backups and holds the ACKs until they confirmed it (and probes the backups a held
+  ACK waits for, so a backup whose connection closed leaves the chain at once).
 
 The server knows frames and peers, not parameters: what a message means is the core's
 business. Nothing here imports JAX, touches the disk or blocks.
@@ -37,6 +38,7 @@ log = logging.getLogger("dsgd.shard")
 
 BROADCAST_INTERVAL = 0.005  # seconds between version broadcasts while versions change
 IDLE_BROADCAST_INTERVAL = 0.5  # ... and while they do not (late subscribers learn it)
+PROBE_INTERVAL = 0.05  # seconds between probes of the backups a held ACK waits for
 BATCH = 64  # requests read before the batch's ACKs go out and other tasks get a turn
 
 
@@ -115,6 +117,7 @@ class ShardServer:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._receive_loop(self._router), name="shard-receive")
             group.create_task(self._broadcast_loop(self._pub), name="shard-broadcast")
+            group.create_task(self._probe_loop(self._router), name="shard-probe")
             if self._security is not None:
                 core, what = self.core, f"shard {self.core.shard_id}"
                 for sock in (self._router.sock, self._pub):
@@ -190,6 +193,22 @@ class ShardServer:
         else:
             await self._send_all(router, chain.confirm(identity, header.seq))
         return True
+
+    async def _probe_loop(self, router: LoopSocket) -> None:
+        """While ACKs are held, send the backups they wait for a version message (which
+        a backup ignores): a send to a backup whose connection closed fails, and it
+        leaves the chain. With every permit held, no new push would find that out."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            chain = self.chain
+            if chain is None or not chain.holding:
+                continue
+            probe = [wire.pack_header(self.core.version_header())]
+            for identity in chain.waited_on():
+                try:
+                    await router.send([identity, *probe])
+                except zmq.ZMQError:  # EHOSTUNREACH: gone
+                    chain.lose(identity)
 
     async def release(self, outgoing: Outgoing) -> None:
         """Send ACKs a :class:`Chain` released outside the receive loop (a backup left)."""
