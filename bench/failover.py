@@ -500,14 +500,22 @@ async def _first_after(
 
 
 def reference(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """The reference set: ``--kills`` kills with R = 2, 5 with R = 1 (what is lost without
-    replicas), and the throughput of R = 1, 2, 3 with nothing killed."""
+    """The reference set: ``--kills`` kills with R = 2 (``--backup-faults`` of them after
+    a backup fault), 5 with R = 1 (what is lost without replicas), and the throughput of
+    R = 1, 2, 3 with nothing killed."""
     runs = []
     plan = [(2, args.kills, False), (1, 5, False)]
     plan += [(r, 0, cycle) for cycle in (False, True) for r in (1, 2, 3)]
     for replicas, kills, cycle in plan:
+        faults = args.backup_faults if replicas > 1 and kills else 0
         one = argparse.Namespace(
-            **{**vars(args), "replicas": replicas, "kills": kills, "cycle": cycle}
+            **{
+                **vars(args),
+                "replicas": replicas,
+                "kills": kills,
+                "cycle": cycle,
+                "backup_faults": faults,
+            }
         )
         print(f"R={replicas}, {kills} kills{', pull-push cycle' if cycle else ''}", flush=True)
         part = tmp / f"r{replicas}-k{kills}-c{int(cycle)}"

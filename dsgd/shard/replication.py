@@ -1,19 +1,21 @@
 """Replicated shards: a range held by a primary and ``replicas - 1`` backups.
 
 The primary applies a push chunk as before, forwards the same frames to every backup (in
-the order it applied them, numbered), and holds the worker's ACK until every backup
-confirmed that forward: an acknowledged chunk is applied on every live replica of its
-range. The at-most-once books travel with the values (in the snapshot a backup starts
+the order it applied them, numbered), and holds the worker's ACK until every backup that
+installed its snapshot confirmed that forward: an acknowledged chunk is applied on every
+replica the coordinator may promote. The at-most-once books travel with the values (in the snapshot a backup starts
 from, and by applying the same pushes with the same headers), so a worker that resends a
 chunk to a promoted backup gets DUPLICATE for what was already applied, and an apply
 for what was not: each acknowledged update counts exactly once. See docs/design.md,
 "Replicated shards", for why this primary-backup scheme and not a chain.
 
 - :class:`Chain` is the primary's bookkeeping (no sockets): who its backups are, what
-  each confirmed, which ACKs wait for them.
+  each confirmed, which ACKs wait for them, which backups hold all it acknowledged (the
+  ones it reports to the coordinator as promotable).
 - :func:`state_messages` is the snapshot a joining backup starts from.
-- :class:`Follower` is the backup's side: a DEALER to its primary that joins, installs
-  the snapshot, applies forwards, confirms them, and says when the primary is gone.
+- :class:`Follower` is the backup's side of one join: a DEALER to its primary that
+  joins, installs the snapshot, applies forwards, confirms them, and says why the join
+  ended (the primary's connection dropped, or it is to be made again).
 """
 
 from __future__ import annotations
@@ -176,10 +178,6 @@ class Chain:
                 out.append((identity, [wire.pack_header(rejoin)]))
         return out + self._release()
 
-    def clear(self) -> Outgoing:
-        self.backups.clear()
-        return self._release()
-
     def ready(self, backup: Backup) -> bool:
         """Whether the backup holds every update this primary acknowledged."""
         return backup.counted and not backup.leaving and backup.confirmed >= self.released
@@ -279,7 +277,6 @@ class Follower:
         self.caught_up = asyncio.Event()
         self._ctx = context
         self._security = security
-        self.applied = 0  # forwards applied
 
     async def run(self) -> Ended:
         """Follow the primary until this join is over; say why it ended."""
@@ -352,7 +349,6 @@ class Follower:
         if header.kind != wire.REPLICATE:
             return 0
         self.core.handle(frames[1:], [], replicated=True)
-        self.applied += 1
         return header.seq
 
     async def _catch_up(self, dealer: zmq.asyncio.Socket) -> None:
