@@ -3,10 +3,11 @@
 The primary applies a push chunk as before, forwards the same frames to every backup (in
 the order it applied them, numbered), and holds the worker's ACK until every backup that
 installed its snapshot confirmed that forward: an acknowledged chunk is applied on every
-replica the coordinator may promote. The at-most-once books travel with the values (in the snapshot a backup starts
-from, and by applying the same pushes with the same headers), so a worker that resends a
-chunk to a promoted backup gets DUPLICATE for what was already applied, and an apply
-for what was not: each acknowledged update counts exactly once. See docs/design.md,
+replica the coordinator may promote. The at-most-once books travel with the values (in
+the snapshot a backup starts from, and by applying the same pushes with the same
+headers), so a worker that resends a chunk to a promoted backup gets DUPLICATE for what
+was already applied, and an apply for what was not: each acknowledged update counts
+exactly once. See docs/design.md,
 "Replicated shards", for why this primary-backup scheme and not a chain.
 
 - :class:`Chain` is the primary's bookkeeping (no sockets): who its backups are, what
