@@ -189,6 +189,47 @@ def test_the_coordinator_promotes_only_a_backup_its_primary_reported_caught_up()
     assert reply.primary and coordinator.shards[0].replica == 2 and coordinator.failovers == 1
 
 
+def test_after_a_coordinator_restart_the_primary_registers_first_if_alive() -> None:
+    """A restarted coordinator knows no primary: a backup that registers again before the
+    range's primary waits for it (the primary holds the newest state), for as long as a
+    live primary takes to be heard from; then it may take over."""
+    compiled = CompiledModel(digits_mlp(), num_shards=1)
+    config = TrainConfig(model="dsgd.examples.digits:digits_mlp", num_shards=1, replicas=2)
+    coordinator = Coordinator(config)  # (restarted: no initial values, the shards hold them)
+    coordinator.describe_model(layout_message(compiled.layout))
+    fingerprint = compiled.layout.fingerprint
+
+    def register(replica: int, incarnation: int, following: int = 0) -> pb.RegisterShardReply:
+        endpoint = pb.ShardEndpoint(
+            data_address=f"tcp://127.0.0.1:{5000 + replica}",
+            pub_address=f"tcp://127.0.0.1:{6000 + replica}",
+            incarnation=incarnation,
+        )
+        request = pb.RegisterShardRequest(
+            shard_id=0,
+            endpoint=endpoint,
+            protocol_version=wire.PROTOCOL_VERSION,
+            replica=replica,
+            layout_fingerprint=fingerprint,
+            version=500,
+            following=following,
+        )
+        return coordinator.register_shard(request)
+
+    waiting = register(1, 101, following=100)
+    assert not waiting.ready and "primary" in waiting.waiting_for
+    primary = register(0, 100)
+    assert primary.ready and not primary.HasField("primary")
+    assert register(1, 101, following=100).primary.incarnation == 100
+    # a range whose primary never comes back: after the heartbeat timeout, its backup
+    coordinator = Coordinator(config)
+    coordinator.describe_model(layout_message(compiled.layout))
+    assert not register(1, 101, following=100).ready
+    coordinator.started -= config.heartbeat_timeout
+    reply = register(1, 101, following=100)
+    assert reply.ready and not reply.HasField("primary") and coordinator.shards[0].replica == 1
+
+
 # -- a primary and a backup over real sockets ------------------------------------------------
 
 

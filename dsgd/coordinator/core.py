@@ -255,6 +255,15 @@ class Coordinator:
             )
         if self.layout is None:
             return pb.RegisterShardReply(ready=False, waiting_for=self.waiting_for())
+        if (
+            request.following
+            and shard_id not in self.shards
+            and time.monotonic() - self.started < self.config.heartbeat_timeout
+        ):
+            # this coordinator restarted: the primary, which holds the newest state,
+            # registers first if it is alive (a backup may lack what it acknowledged last)
+            waiting = f"shard {shard_id}'s primary to register again"
+            return pb.RegisterShardReply(ready=False, waiting_for=waiting)
         backup = self._register_backup(request)
         if backup is not None:
             return backup

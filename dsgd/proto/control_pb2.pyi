@@ -69,20 +69,22 @@ class ShardEndpoint(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., data_address: _Optional[str] = ..., pub_address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., incarnation: _Optional[int] = ..., control_address: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class RegisterShardRequest(_message.Message):
-    __slots__ = ("shard_id", "endpoint", "layout_fingerprint", "version", "protocol_version", "replica")
+    __slots__ = ("shard_id", "endpoint", "layout_fingerprint", "version", "protocol_version", "replica", "following")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     endpoint: ShardEndpoint
     layout_fingerprint: int
     version: int
     protocol_version: int
     replica: int
-    def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., replica: _Optional[int] = ...) -> None: ...
+    following: int
+    def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., replica: _Optional[int] = ..., following: _Optional[int] = ...) -> None: ...
 
 class LeafShape(_message.Message):
     __slots__ = ("dims",)

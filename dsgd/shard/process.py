@@ -219,6 +219,7 @@ class ShardProcess:
             version=held.version if held else core.state.version,
             protocol_version=PROTOCOL_VERSION,
             replica=self.replica,
+            following=self.follow.incarnation if self.follow and core.installed else 0,
         )
         # not ready while the cluster does not know the model yet
         reply = await self.link.register(
