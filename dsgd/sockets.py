@@ -128,6 +128,16 @@ class LoopSocket:
         """Return once a message is queued for :meth:`recv_ready`."""
         await self._wait(_POLLIN)
 
+    def try_send(self, frames: list[Any]) -> bool:
+        """Queue one multipart message (zero-copy) if the peer's queue has room; False if
+        not, or if the peer is gone (a ROUTER's unknown peer)."""
+        try:
+            self.sock.send_multipart(frames, _NOBLOCK, copy=False)
+        except zmq.ZMQError:  # (zmq.Again among them)
+            return False
+        self._poke()
+        return True
+
     async def send(self, frames: list[Any]) -> None:
         """Queue one multipart message (zero-copy), waiting only while the peer's queue is
         full. Raises ``zmq.ZMQError`` as ``send_multipart`` does (e.g. an unknown peer of

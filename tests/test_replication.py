@@ -26,7 +26,7 @@ from dsgd.optim import SGD
 from dsgd.proto import control_pb2 as pb
 from dsgd.shard.client import PushResult, ShardClient
 from dsgd.shard.core import ShardCore, ShardState
-from dsgd.shard.replication import Chain, Follower
+from dsgd.shard.replication import MAX_BACKLOG_BYTES, Chain, Follower
 from dsgd.shard.server import ShardServer
 from dsgd.wire import AckStatus
 from tests.conftest import FINGERPRINT, ROOT
@@ -44,32 +44,40 @@ def test_an_ack_waits_for_every_counted_backup_and_a_pruned_backup_releases_it()
     assert chain.hold(b"w", ["ack0"]) == [(b"w", ["ack0"])]  # no backups: at once
     chain.join(b"b1", replica=1, incarnation=11, joins=1)
     chain.join(b"b2", replica=2, incarnation=22, joins=1)
-    forwards = chain.forward(["push"])
+    forwards = chain.forward([b"push"], 1)
     assert [identity for identity, _ in forwards] == [b"b1", b"b2"]
-    assert forwards[0][1][1:] == ["push"]  # the push's own frames, after the numbering
+    assert forwards[0][1][1:] == [b"push"]  # the push's own frames, after the numbering
     # neither installed its snapshot yet: they hold no ACK (nor may they be promoted)
     assert chain.hold(b"w", ["ack1"]) == [(b"w", ["ack1"])] and chain.report() == []
     assert chain.confirm(b"b1", 0) == [] and chain.confirm(b"b2", 0) == []  # installed
     # the snapshot they installed came before forward 1, so they still lack ack1's push
     assert chain.report() == []
-    chain.forward(["push"])
+    chain.forward([b"push"], 1)
     assert chain.hold(b"w", ["ack2"]) == []
     assert chain.confirm(b"b1", 2) == []  # one backup has it, the other not yet
-    assert chain.confirm(b"stranger", 2) == []  # not a backup: counts for nothing
+    assert chain.confirm(b"stranger", 2) == []  # not a backup: counts for nothing,
+    assert chain.notices.pop()[0] == b"stranger"  # and is told to join
     assert chain.confirm(b"b2", 2) == [(b"w", ["ack2"])]
     assert {b.replica for b in chain.report()} == {1, 2}
-    chain.forward(["push"])
+    chain.forward([b"push"], 1)
     assert chain.hold(b"w", ["ack3"]) == []
     chain.confirm(b"b1", 3)
     # backup 2 died: the coordinator's list no longer holds it, and the ACK goes out;
     # it is told to join again (a backup that was only slow still hears it)
-    out = chain.prune({(1, 11)})
-    assert out[-1] == (b"w", ["ack3"])
-    rejoin = wire.unpack_header(out[0][1][0])
-    assert out[0][0] == b"b2" and rejoin.kind == wire.ERROR and rejoin.status == wire.REJOIN
-    # a new join of replica 1 replaces the older one, and starts uncounted
-    chain.join(b"b1-again", replica=1, incarnation=11, joins=2)
+    assert chain.prune({(1, 11)}) == [(b"w", ["ack3"])]
+    [(told, message)] = chain.notices
+    rejoin = wire.unpack_header(message[0])
+    assert told == b"b2" and rejoin.kind == wire.ERROR and rejoin.status == wire.REJOIN
+    chain.notices.clear()
+    # a new join of replica 1 replaces the older one, and starts uncounted; the older
+    # join, read late from a connection since closed, changes nothing
+    chain.report_due.clear()
+    assert chain.join(b"b1-again", replica=1, incarnation=11, joins=2) == []
+    assert chain.report_due.is_set()  # the coordinator is to hear it is not promotable
+    assert chain.join(b"b1-late", replica=1, incarnation=11, joins=1) is None
     assert list(chain.backups) == [b"b1-again"] and chain.report() == []
+    # a confirmation from a backup the chain does not know: it is told to join again
+    assert chain.confirm(b"b1", 3) == [] and chain.notices[0][0] == b"b1"
 
 
 def test_a_counted_backup_whose_link_broke_holds_the_acks_until_the_coordinator_knows() -> None:
@@ -78,12 +86,12 @@ def test_a_counted_backup_whose_link_broke_holds_the_acks_until_the_coordinator_
     chain.confirm(b"b1", 0)
     assert [b.joins for b in chain.report()] == [1] and chain.report_due.is_set()
     chain.report_due.clear()
-    chain.forward(["push"])
+    chain.forward([b"push"], 1)
     assert chain.hold(b"w", ["ack1"]) == []
     chain.lose(b"b1")  # sending it the forward failed
     # not promotable any more, and the coordinator is to hear so at once ...
     assert chain.report() == [] and chain.report_due.is_set()
-    assert chain.forward(["push"]) == [] and chain.hold(b"w", ["ack2"]) == []
+    assert chain.forward([b"push"], 1) == [] and chain.hold(b"w", ["ack2"]) == []
     # ... before which nothing it lacks is acknowledged
     assert chain.confirm(b"b1", 1) == [] and chain.holding == 2
     assert chain.forget(chain.leaving()) == [(b"w", ["ack1"]), (b"w", ["ack2"])]
@@ -92,6 +100,13 @@ def test_a_counted_backup_whose_link_broke_holds_the_acks_until_the_coordinator_
     chain.join(b"b2", replica=2, incarnation=22, joins=1)
     chain.lose(b"b2")
     assert chain.backups == {}
+    # nor does the primary queue forwards for a backup without bound (one stalled while
+    # it catches up, say): past MAX_BACKLOG_BYTES unconfirmed it leaves
+    chain.join(b"b3", replica=3, incarnation=33, joins=1)
+    big = np.zeros(MAX_BACKLOG_BYTES // 3 + 1, np.uint8)
+    assert len(chain.forward([b"header", big], 5)) == 1
+    assert len(chain.forward([b"header", big], 6)) == 1
+    assert chain.forward([b"header", big], 7) == [] and chain.backups == {}
 
 
 def _core(size: int = SIZE) -> ShardCore:
@@ -183,9 +198,15 @@ def test_the_coordinator_promotes_only_a_backup_its_primary_reported_caught_up()
     assert [e.replica for e in beat(0, 100).replicas] == [2]
     beat(1, 101, joins=1, caught_up=True)
     assert not coordinator.promotable(coordinator.backups[0][1])
-    # the primary reports replica 2's new join caught up: it is the one promoted
+    # a heartbeat from before replica 2 announced its join 3, handled late (its call
+    # timed out, say), changes nothing
+    beat(2, 102, joins=3, caught_up=False, beat=8)
+    beat(2, 102, joins=2, caught_up=True, beat=7)
     beat(0, 100, chain=chain((2, 102, 2)))
-    reply = beat(2, 102, joins=2, caught_up=True, lost_primary=100)
+    assert not coordinator.promotable(coordinator.backups[0][2])
+    # the primary reports replica 2's new join caught up: it is the one promoted
+    beat(0, 100, chain=chain((2, 102, 3)))
+    reply = beat(2, 102, joins=3, caught_up=True, lost_primary=100, beat=9)
     assert reply.primary and coordinator.shards[0].replica == 2 and coordinator.failovers == 1
 
 

@@ -61,6 +61,7 @@ class Member:
     replica: int = 0  # a shard: which of its range's processes
     caught_up: bool = False  # a backup: it holds its primary's state
     joins: int = 0  # a backup: which join its process made last
+    beat: int = 0  # a shard: the number of its last heartbeat taken
     # a primary: the backups it last reported holding every update it acknowledged, as
     # (incarnation, join): the backups the coordinator may promote
     chain: frozenset[tuple[int, int]] = frozenset()
@@ -404,7 +405,9 @@ class Coordinator:
             # may miss what it acknowledges
             kept = {e.incarnation for e in live}
             member.chain = frozenset(c for c in member.chain if c[0] in kept)
-            return {"primary": True, "replicas": live}
+            # just started (restarted): backups not registered again yet are not gone
+            settling = time.monotonic() - self.started < self.config.heartbeat_timeout
+            return {"primary": True, "replicas": live, "settling": settling}
         if primary is not None and primary.endpoint is not None:
             return {"primary": False, "replicas": [primary.endpoint]}
         return {"primary": False}
@@ -506,12 +509,17 @@ class Coordinator:
         if request.role == pb.ROLE_WORKER:
             self._note_acked(request.stats.counters)
         if request.role == pb.ROLE_SHARD:
-            member.caught_up, member.joins = request.caught_up, request.joins
+            # a heartbeat handled late (its call timed out, say) says nothing new
+            fresh = request.beat > member.beat or not request.beat
             primary = self.shards.get(request.id)
-            if primary is member:
+            if fresh:
+                member.beat = request.beat
+                member.caught_up, member.joins = request.caught_up, request.joins
+            if fresh and primary is member:
                 member.chain = frozenset((c.incarnation, c.joins) for c in request.chain)
             elif (
-                request.lost_primary
+                fresh
+                and request.lost_primary
                 and not self.done  # primaries leave at the end of the run: no failover
                 and primary is not None
                 and primary.incarnation == request.lost_primary

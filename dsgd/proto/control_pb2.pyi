@@ -241,7 +241,7 @@ class EvaluationReply(_message.Message):
     def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("role", "id", "incarnation", "stats", "leaving", "failure", "replica", "lost_primary", "caught_up", "joins", "chain")
+    __slots__ = ("role", "id", "incarnation", "stats", "leaving", "failure", "replica", "lost_primary", "caught_up", "joins", "chain", "beat")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class HeartbeatRequest(_message.Message):
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     JOINS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
+    BEAT_FIELD_NUMBER: _ClassVar[int]
     role: Role
     id: int
     incarnation: int
@@ -264,7 +265,8 @@ class HeartbeatRequest(_message.Message):
     caught_up: bool
     joins: int
     chain: _containers.RepeatedCompositeFieldContainer[ChainMember]
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ..., failure: _Optional[str] = ..., replica: _Optional[int] = ..., lost_primary: _Optional[int] = ..., caught_up: _Optional[bool] = ..., joins: _Optional[int] = ..., chain: _Optional[_Iterable[_Union[ChainMember, _Mapping]]] = ...) -> None: ...
+    beat: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., id: _Optional[int] = ..., incarnation: _Optional[int] = ..., stats: _Optional[_Union[MemberStats, _Mapping]] = ..., leaving: _Optional[bool] = ..., failure: _Optional[str] = ..., replica: _Optional[int] = ..., lost_primary: _Optional[int] = ..., caught_up: _Optional[bool] = ..., joins: _Optional[int] = ..., chain: _Optional[_Iterable[_Union[ChainMember, _Mapping]]] = ..., beat: _Optional[int] = ...) -> None: ...
 
 class ChainMember(_message.Message):
     __slots__ = ("replica", "incarnation", "joins")
@@ -277,20 +279,22 @@ class ChainMember(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., incarnation: _Optional[int] = ..., joins: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("shutdown", "reason", "reregister", "shards", "primary", "replicas")
+    __slots__ = ("shutdown", "reason", "reregister", "shards", "primary", "replicas", "settling")
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SETTLING_FIELD_NUMBER: _ClassVar[int]
     shutdown: bool
     reason: str
     reregister: bool
     shards: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
     primary: bool
     replicas: _containers.RepeatedCompositeFieldContainer[ShardEndpoint]
-    def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ..., reregister: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., primary: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ...) -> None: ...
+    settling: bool
+    def __init__(self, shutdown: _Optional[bool] = ..., reason: _Optional[str] = ..., reregister: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., primary: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ShardEndpoint, _Mapping]]] = ..., settling: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -106,6 +106,7 @@ class ShardProcess:
         self._role_changed = asyncio.Event()
         self._lost_primary = 0  # the incarnation of a primary this backup saw go
         self._joins = 0  # joins this process made as a backup (each is announced first)
+        self._beats = 0  # heartbeats sent (numbered, so the coordinator skips late ones)
         self._beating = asyncio.Lock()  # heartbeats in order: what the coordinator last
         # heard from this process is what it said last
 
@@ -435,7 +436,7 @@ class ShardProcess:
                     return
                 self._become_primary()
             chain = self.server.chain
-            if chain is not None:
+            if chain is not None and not reply.settling:
                 allowed = {(e.replica, e.incarnation) for e in reply.replicas}
                 await self.server.release(chain.prune(allowed))
         elif reply.replicas:
@@ -530,6 +531,7 @@ class ShardProcess:
             caught_up=caught_up and core.installed,
             joins=self._joins,
             chain=members,
+            beat=self._beats,
         )
 
     async def _beat(self, leaving: bool = False) -> pb.HeartbeatReply | None:
@@ -540,6 +542,7 @@ class ShardProcess:
             leaving_backups = chain.leaving() if chain is not None else set()
             if chain is not None:
                 chain.report_due.clear()
+            self._beats += 1
             reply = await self.link.heartbeat_once(self._heartbeat(leaving))
             if chain is not None and reply is not None and reply.primary:  # still primary
                 await self.server.release(chain.forget(leaving_backups))

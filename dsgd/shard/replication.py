@@ -45,6 +45,9 @@ log = logging.getLogger("dsgd.replication")
 BOOKS = "books"  # the STATE piece that carries the at-most-once books; it comes last
 JOIN_TIMEOUT = 30.0  # seconds a backup waits for its primary's first state piece
 CATCH_UP_TIMEOUT = 600.0  # ... and for the whole state (300 MB at 75M parameters)
+MAX_BACKLOG_BYTES = 2 << 30  # forwards a primary queues for one backup, unconfirmed
+HEARTBEAT_IVL_MS = 1000  # a backup's ZeroMQ heartbeats to its primary, and how long
+HEARTBEAT_TIMEOUT_MS = 5000  # it waits for traffic before its connection counts as dropped
 
 Frames = list[Any]
 Outgoing = list[tuple[bytes, Frames]]  # (peer identity, message) to send on the ROUTER
@@ -59,6 +62,8 @@ class Backup:
     confirmed: int  # the last forward it confirmed (the snapshot it started from: all before)
     counted: bool = False  # it installed the snapshot: the ACKs wait for its confirmations
     leaving: bool = False  # its connection broke: dropped once the coordinator knows
+    backlog: deque[tuple[int, int]] = field(default_factory=deque)  # (forward, bytes) sent,
+    backlog_bytes: int = 0  # not confirmed yet
 
 
 @dataclass
@@ -78,28 +83,52 @@ class Chain:
     forwarded: int = 0  # forwards numbered so far
     released: int = 0  # the highest forward an ACK sent so far waited for
     report_due: asyncio.Event = field(default_factory=asyncio.Event)
+    # messages for backups that are not forwards (join again): the server sends them
+    notices: Outgoing = field(default_factory=list)
     _held: deque[tuple[int, bytes, Frames]] = field(default_factory=deque)
 
-    def join(self, identity: bytes, replica: int, incarnation: int, joins: int) -> Outgoing:
+    def join(self, identity: bytes, replica: int, incarnation: int, joins: int) -> Outgoing | None:
         """Take a backup; it replaces any older join of the same replica (whose process
-        told the coordinator it joins again before it sent this)."""
+        told the coordinator it joins again before it sent this). None: this join is
+        older than one taken already (read late from a connection since closed)."""
         for known, backup in list(self.backups.items()):
-            if backup.replica == replica:
-                del self.backups[known]
+            if backup.replica != replica:
+                continue
+            if backup.incarnation == incarnation and backup.joins >= joins:
+                return None
+            if self.ready(backup):
+                self.report_due.set()
+            del self.backups[known]
         self.backups[identity] = Backup(identity, replica, incarnation, joins, self.forwarded)
         log.info("backup replica %d (incarnation %x) joined", replica, incarnation)
         return self._release()
 
-    def forward(self, frames: Frames) -> Outgoing:
-        """The messages that hand one handled push (its frames) to every backup."""
-        targets = [b.identity for b in self.backups.values() if not b.leaving]
+    def forward(self, frames: Frames, version: int) -> Outgoing:
+        """The messages that hand one handled push (its frames; the shard's ``version``
+        after it) to every backup. A backup that fell more than MAX_BACKLOG_BYTES behind
+        (stalled while catching up, say) leaves instead: the primary does not queue
+        forwards without bound."""
         if not self.backups:
             return []
         self.forwarded += 1
         header = wire.pack_header(
-            wire.Header(kind=wire.REPLICATE, fingerprint=0, shard=0, seq=self.forwarded)
+            wire.Header(
+                kind=wire.REPLICATE, fingerprint=0, shard=0, seq=self.forwarded, version=version
+            )
         )
-        return [(identity, [header, *frames]) for identity in targets]
+        size = wire.payload_bytes(frames)
+        out: Outgoing = []
+        for backup in list(self.backups.values()):
+            if backup.leaving:
+                continue
+            if backup.backlog_bytes + size > MAX_BACKLOG_BYTES:
+                log.warning("backup replica %d fell too far behind", backup.replica)
+                self.lose(backup.identity)
+                continue
+            backup.backlog.append((self.forwarded, size))
+            backup.backlog_bytes += size
+            out.append((backup.identity, [header, *frames]))
+        return out
 
     def hold(self, identity: bytes, frames: Frames) -> Outgoing:
         """An ACK for ``identity``: sent now when every backup has what it acknowledges,
@@ -111,14 +140,21 @@ class Chain:
         return []
 
     def confirm(self, identity: bytes, seq: int) -> Outgoing:
-        """A backup applied every forward up to ``seq`` (0: it installed its snapshot)."""
+        """A backup applied every forward up to ``seq`` (0: it installed its snapshot).
+        One this chain does not know (dropped, or confirming to an older chain of this
+        process) is told to join again."""
         backup = self.backups.get(identity)
-        if backup is None or backup.leaving:
+        if backup is None:
+            self.notices.append((identity, _rejoin("this primary does not count this backup")))
+            return []
+        if backup.leaving:
             return []
         was_ready = self.ready(backup)
         backup.counted = True
         if backup.confirmed < seq <= self.forwarded:
             backup.confirmed = seq
+        while backup.backlog and backup.backlog[0][0] <= backup.confirmed:
+            backup.backlog_bytes -= backup.backlog.popleft()[1]
         out = self._release()
         if self.ready(backup) and not was_ready:
             self.report_due.set()
@@ -162,22 +198,14 @@ class Chain:
 
     def prune(self, allowed: set[tuple[int, int]]) -> Outgoing:
         """Drop the backups the coordinator no longer counts (dead, replaced), and tell
-        each to join again (one that was only slow, say, still hears it)."""
-        out: Outgoing = []
+        each to join again (in ``notices``: one that was only slow still hears it)."""
         for identity, backup in list(self.backups.items()):
             if (backup.replica, backup.incarnation) not in allowed:
                 del self.backups[identity]
                 log.warning("backup replica %d left the chain", backup.replica)
-                rejoin = wire.Header(
-                    kind=wire.ERROR,
-                    fingerprint=0,
-                    shard=0,
-                    about=wire.JOIN,
-                    status=wire.REJOIN,
-                    reason="the coordinator stopped counting this backup; join again",
-                )
-                out.append((identity, [wire.pack_header(rejoin)]))
-        return out + self._release()
+                reason = "the coordinator stopped counting this backup"
+                self.notices.append((identity, _rejoin(reason)))
+        return self._release()
 
     def ready(self, backup: Backup) -> bool:
         """Whether the backup holds every update this primary acknowledged."""
@@ -203,6 +231,18 @@ class Chain:
     @property
     def holding(self) -> int:
         return len(self._held)
+
+
+def _rejoin(reason: str) -> Frames:
+    header = wire.Header(
+        kind=wire.ERROR,
+        fingerprint=0,
+        shard=0,
+        about=wire.JOIN,
+        status=wire.REJOIN,
+        reason=f"{reason}; join again",
+    )
+    return [wire.pack_header(header)]
 
 
 def state_messages(core: ShardCore) -> list[Frames]:
@@ -284,6 +324,9 @@ class Follower:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.RCVHWM, 100_000)
+        # a connection that went quiet (a half-open TCP link) counts as dropped
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if self._security is not None:
             self._security.curve_client(dealer)
         monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -350,6 +393,11 @@ class Follower:
         if header.kind != wire.REPLICATE:
             return 0
         self.core.handle(frames[1:], [], replicated=True)
+        if self.core.state.version != header.version:  # (cannot happen with the same order)
+            raise _Refused(
+                f"version {self.core.state.version} after forward {header.seq}, its primary's "
+                f"was {header.version}"
+            )
         return header.seq
 
     async def _catch_up(self, dealer: zmq.asyncio.Socket) -> None:

@@ -146,9 +146,8 @@ class ShardServer:
                     if not await self._send(router, identity, reply):
                         break
                 if chain is not None and len(pushed) > before:  # a push reached apply
-                    for backup, message in chain.forward(frames[1:]):
-                        if not await self._send(router, backup, message):
-                            chain.lose(backup)  # its connection broke
+                    forwards = chain.forward(frames[1:], core.state.version)
+                    self._to_backups(router, chain, forwards)
             for identity, headers in acks.items():
                 for ack in wire.merge_acks(headers):
                     message = [wire.pack_header(ack)]
@@ -183,16 +182,23 @@ class ShardServer:
             core.rejected["layout"] += 1
             return True
         if header.kind == wire.JOIN:
-            await self._send_all(
-                router, chain.join(identity, header.worker, header.incarnation, header.seq)
-            )
-            for message in state_messages(core):
-                if not await self._send(router, identity, message):
-                    chain.lose(identity)
-                    break
+            joined = chain.join(identity, header.worker, header.incarnation, header.seq)
+            if joined is not None:  # (None: an older join, read late)
+                await self._send_all(router, joined)
+                self._to_backups(router, chain, [(identity, m) for m in state_messages(core)])
         else:
             await self._send_all(router, chain.confirm(identity, header.seq))
+        self._to_backups(router, chain, chain.notices)
+        chain.notices = []
         return True
+
+    def _to_backups(self, router: LoopSocket, chain: Chain, outgoing: Outgoing) -> None:
+        """Send to backups without waiting: a backup whose queue is full or whose
+        connection closed leaves the chain (it must not stall the primary)."""
+        for identity, message in outgoing:
+            if not router.try_send([identity, *message]):
+                self.core.counters["replication_sends_failed"] += 1
+                chain.lose(identity)
 
     async def _probe_loop(self, router: LoopSocket) -> None:
         """While ACKs are held, send the backups they wait for a version message (which
@@ -204,16 +210,17 @@ class ShardServer:
             if chain is None or not chain.holding:
                 continue
             probe = [wire.pack_header(self.core.version_header())]
-            for identity in chain.waited_on():
-                try:
-                    await router.send([identity, *probe])
-                except zmq.ZMQError:  # EHOSTUNREACH: gone
-                    chain.lose(identity)
+            self._to_backups(router, chain, [(b, probe) for b in chain.waited_on()])
 
     async def release(self, outgoing: Outgoing) -> None:
-        """Send ACKs a :class:`Chain` released outside the receive loop (a backup left)."""
+        """Send ACKs a :class:`Chain` released outside the receive loop (a backup left),
+        and what it has for its backups."""
         if self._router is not None:
             await self._send_all(self._router, outgoing)
+            chain = self.chain
+            if chain is not None:
+                self._to_backups(self._router, chain, chain.notices)
+                chain.notices = []
 
     async def _send_all(self, router: LoopSocket, outgoing: Outgoing) -> None:
         for identity, frames in outgoing:
