@@ -241,7 +241,15 @@ def test_after_a_coordinator_restart_the_primary_registers_first_if_alive() -> N
     assert not waiting.ready and "primary" in waiting.waiting_for
     primary = register(0, 100)
     assert primary.ready and not primary.HasField("primary")
+    # its heartbeat replies tell it not to drop backups not registered again yet ...
+    beat = pb.HeartbeatRequest(role=pb.ROLE_SHARD, id=0, incarnation=100, replica=0)
+    reply = coordinator.heartbeat(beat)
+    assert reply.primary and not reply.replicas and reply.settling
     assert register(1, 101, following=100).primary.incarnation == 100
+    # ... for as long as a live member takes to be heard from
+    coordinator.started -= config.heartbeat_timeout
+    reply = coordinator.heartbeat(beat)
+    assert [e.replica for e in reply.replicas] == [1] and not reply.settling
     # a range whose primary never comes back: after the heartbeat timeout, its backup
     coordinator = Coordinator(config)
     coordinator.describe_model(layout_message(compiled.layout))
