@@ -140,7 +140,8 @@ def test_the_heterogeneous_batch_job_trains_digits_to_its_target(
     slurm: tuple[Hosts, dict[str, str]], tmp_path: Path
 ) -> None:
     hosts, env = slurm
-    env = {**env, "DSGD_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    # component 0's two tasks serve one range, replicated: a primary and a backup
+    env = {**env, "DSGD_PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "DSGD_REPLICAS": "2"}
     script = ROOT / "deploy" / "slurm" / "dsgd.sbatch"
     started = time.monotonic()
     job = subprocess.run(
@@ -158,4 +159,7 @@ def test_the_heterogeneous_batch_job_trains_digits_to_its_target(
     assert status["reached_target"], status.get("done_reason")
     roles = [m["role"] for m in status["members"]]
     assert roles.count("ROLE_SHARD") == 2 and roles.count("ROLE_WORKER") == 2, roles
+    shards = [m for m in status["members"] if m["role"] == "ROLE_SHARD"]
+    assert sorted(m.get("replica", 0) for m in shards) == [0, 1], shards
+    assert {m.get("id", 0) for m in shards} == {0} and status["num_shards"] == 1
     assert time.monotonic() - started < 400
