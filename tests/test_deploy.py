@@ -23,7 +23,7 @@ from dsgd.security import CA_KEY, Security
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-TREES = ["base", "overlays/example"]
+TREES = ["base", "overlays/example", "overlays/replicated"]
 # the oldest release the manifests need (the pod-index label, gRPC probes) and the newest
 # the validator knows
 VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
@@ -177,6 +177,40 @@ def test_shards_have_stable_names_ids_and_checkpoint_volumes(
     coordinator = next(c for n, c in containers(rendered) if c["command"][2] == "dsgd.coordinator")
     _, coordinator_args = parsed(coordinator)
     assert coordinator_args.num_shards == shards["spec"]["replicas"]
+
+
+def test_the_replicated_overlay_serves_every_range_with_two_processes_apart() -> None:
+    docs = render("overlays/replicated")
+    shard_sets = [
+        d
+        for d in docs
+        if d["kind"] == "StatefulSet"
+        and d["spec"]["template"]["spec"]["containers"][0]["command"][2] == "dsgd.shard"
+    ]
+    _, coordinator = parsed(
+        next(c for _, c in containers(docs) if c["command"][2] == "dsgd.coordinator")
+    )
+    assert coordinator.replicas == len(shard_sets) == 2
+    replicas = {}
+    for sts in shard_sets:
+        _, args = parsed(sts["spec"]["template"]["spec"]["containers"][0])
+        replicas[args.replica] = sts
+        # every range once per StatefulSet, each pod named through the headless Service
+        assert sts["spec"]["replicas"] == coordinator.num_shards
+        assert sts["spec"]["serviceName"] == "dsgd-shard"
+        assert args.advertise_host.endswith(".dsgd-shard")
+    assert sorted(replicas) == [0, 1]
+    for j, sts in replicas.items():
+        other = replicas[1 - j]
+        # neither StatefulSet claims the other's pods, and each prefers the other's nodes not
+        selector = sts["spec"]["selector"]["matchLabels"]
+        other_labels = other["spec"]["template"]["metadata"]["labels"]
+        assert any(other_labels.get(k) != v for k, v in selector.items())
+        affinity = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        term = affinity["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+        wanted = term["labelSelector"]["matchLabels"]
+        assert all(other_labels.get(k) == v for k, v in wanted.items())
+        assert term["topologyKey"] == "kubernetes.io/hostname"
 
 
 def test_the_example_overlay_mounts_its_model_where_every_role_imports_it() -> None:
