@@ -277,25 +277,22 @@ class ShardClient:
 
     def _expire_push(self, seq: int) -> None:
         pending = self._pushes.get(seq)
-        if self.replicated and pending is not None and not self._closed:
-            log.warning(
-                "shard %d did not acknowledge push %d within %.0f s; sending it again",
-                self.shard_id,
-                seq,
-                self.ack_timeout,
-            )
-            self.pushes_resent += 1
-            self._spawn(self._send_unacknowledged(seq), "resend")
-            loop = asyncio.get_running_loop()
-            pending.expiry = loop.call_later(self.ack_timeout, self._expire_push, seq)
-            return
+        resend = self.replicated and pending is not None and not self._closed
         log.warning(
-            "shard %d did not acknowledge push %d within %.0f s",
+            "shard %d did not acknowledge push %d within %.0f s%s",
             self.shard_id,
             seq,
             self.ack_timeout,
+            "; sending it again" if resend else "",
         )
-        self._finish_push(seq)
+        if not resend or pending is None:
+            self._finish_push(seq)
+            return
+        self.pushes_resent += 1
+        self._spawn(self._send_unacknowledged(seq), "resend")
+        pending.expiry = asyncio.get_running_loop().call_later(
+            self.ack_timeout, self._expire_push, seq
+        )
 
     async def _send_unacknowledged(self, seq: int) -> int:
         """Send push ``seq``'s unacknowledged chunks again, unchanged; how many."""

@@ -249,6 +249,9 @@ class ShardCore:
             return [[wire.pack_header(ack)]]
         if header.kind == wire.FETCH:
             return self.plan_fetch(header)
+        if header.kind == wire.JOIN:  # (a primary's server takes joins before the core)
+            reason = f"shard {self.shard_id} is not serving as primary (yet)"
+            return [self.refuse("backup", reason, header, wire.NOT_PRIMARY)]
         return [self.refuse("kind", f"a shard does not accept {header.kind!r} messages", header)]
 
     def apply(self, header: wire.Header, arrays: list[np.ndarray]) -> Outcome:

@@ -7,8 +7,8 @@ replica the coordinator may promote. The at-most-once books travel with the valu
 the snapshot a backup starts from, and by applying the same pushes with the same
 headers), so a worker that resends a chunk to a promoted backup gets DUPLICATE for what
 was already applied, and an apply for what was not: each acknowledged update counts
-exactly once. See docs/design.md,
-"Replicated shards", for why this primary-backup scheme and not a chain.
+exactly once. See docs/design.md, "Replicated shards", for why this primary-backup
+scheme and not a chain.
 
 - :class:`Chain` is the primary's bookkeeping (no sockets): who its backups are, what
   each confirmed, which ACKs wait for them, which backups hold all it acknowledged (the

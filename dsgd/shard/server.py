@@ -138,7 +138,7 @@ class ShardServer:
                     core.rate_log.warning("framing", "a message without an identity and a header")
                     continue
                 identity = frames[0].bytes
-                if await self._replication(router, identity, frames):
+                if chain is not None and await self._replication(router, identity, frames):
                     continue
                 pushed = acks.setdefault(identity, [])
                 before = len(pushed)
@@ -162,7 +162,9 @@ class ShardServer:
                 await asyncio.sleep(0)
 
     async def _replication(self, router: LoopSocket, identity: bytes, frames: list[Any]) -> bool:
-        """Handle a backup's join or confirmation; False for any other message."""
+        """Handle a backup's join or confirmation; False for any other message, and for
+        these while this process is not serving as primary (the core refuses them: a
+        join with NOT_PRIMARY, so the backup joins again shortly)."""
         try:
             header = wire.unpack_header(frames[1].bytes)
         except (ProtocolError, IndexError):
@@ -171,13 +173,7 @@ class ShardServer:
             return False
         core, chain = self.core, self.chain
         if chain is None or not core.primary or not core.installed:
-            if header.kind != wire.JOIN:
-                return False  # a confirmation for no chain: the core refuses it
-            # promoted but not told yet, say: the backup joins again shortly
-            reason = f"shard {core.shard_id} is not serving as primary (yet)"
-            refusal = core.refuse("backup", reason, header, wire.NOT_PRIMARY)
-            await self._send(router, identity, refusal)
-            return True
+            return False
         if header.fingerprint != core.fingerprint or header.shard != core.shard_id:
             core.rejected["layout"] += 1
             return True
@@ -188,9 +184,13 @@ class ShardServer:
                 self._to_backups(router, chain, [(identity, m) for m in state_messages(core)])
         else:
             await self._send_all(router, chain.confirm(identity, header.seq))
-        self._to_backups(router, chain, chain.notices)
-        chain.notices = []
+        self._send_notices(router, chain)
         return True
+
+    def _send_notices(self, router: LoopSocket, chain: Chain) -> None:
+        """What the chain has for its backups besides forwards (join again)."""
+        notices, chain.notices = chain.notices, []
+        self._to_backups(router, chain, notices)
 
     def _to_backups(self, router: LoopSocket, chain: Chain, outgoing: Outgoing) -> None:
         """Send to backups without waiting: a backup whose queue is full or whose
@@ -217,10 +217,8 @@ class ShardServer:
         and what it has for its backups."""
         if self._router is not None:
             await self._send_all(self._router, outgoing)
-            chain = self.chain
-            if chain is not None:
-                self._to_backups(self._router, chain, chain.notices)
-                chain.notices = []
+            if self.chain is not None:
+                self._send_notices(self._router, self.chain)
 
     async def _send_all(self, router: LoopSocket, outgoing: Outgoing) -> None:
         for identity, frames in outgoing:
