@@ -58,7 +58,6 @@ REPLICATE = "replicate"  # primary -> backup: [this header, a push's frames], `s
 # CONFIRM: backup -> primary: applied every forward up to `seq` (0: installed the state)
 CONFIRM = "confirm"
 KINDS = frozenset({PUSH, ACK, FETCH, PARAMS, VERSION, ERROR, JOIN, STATE, REPLICATE, CONFIRM})
-REPLICATION = frozenset({JOIN, STATE, REPLICATE, CONFIRM})
 # an ERROR's status for a push or a join that reached a process that is no primary (a
 # backup being promoted, say): send it again shortly
 NOT_PRIMARY = "not_primary"

@@ -62,6 +62,7 @@ class ShardServer:
     ) -> None:
         self.core = core
         self.chain: Chain | None = None  # set when the range is replicated
+        self._holding = asyncio.Event()  # the chain may hold ACKs: the probes run
         self._security = security
         self._admission: Admission | None = None
         self._host = host
@@ -154,6 +155,8 @@ class ShardServer:
                     if chain is not None:
                         if self.chain is chain and core.primary:
                             await self._send_all(router, chain.hold(identity, message))
+                            if chain.holding:
+                                self._holding.set()
                     elif not await self._send(router, identity, message):
                         break
             handled += len(ready)
@@ -205,9 +208,11 @@ class ShardServer:
         a backup ignores): a send to a backup whose connection closed fails, and it
         leaves the chain. With every permit held, no new push would find that out."""
         while True:
+            await self._holding.wait()  # (an unreplicated or idle shard does not wake)
             await asyncio.sleep(PROBE_INTERVAL)
             chain = self.chain
             if chain is None or not chain.holding:
+                self._holding.clear()
                 continue
             probe = [wire.pack_header(self.core.version_header())]
             self._to_backups(router, chain, [(b, probe) for b in chain.waited_on()])
