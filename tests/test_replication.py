@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,25 @@ def test_the_books_travel_so_a_resent_chunk_is_applied_once() -> None:
 # -- whom the coordinator promotes -----------------------------------------------------------
 
 
+def _register(
+    coordinator: Coordinator, replica: int, incarnation: int, **fields: Any
+) -> pb.RegisterShardReply:
+    """Register replica ``replica`` of shard 0 (``fields``: more of the request)."""
+    endpoint = pb.ShardEndpoint(
+        data_address=f"tcp://127.0.0.1:{5000 + replica}",
+        pub_address=f"tcp://127.0.0.1:{6000 + replica}",
+        incarnation=incarnation,
+    )
+    request = pb.RegisterShardRequest(
+        shard_id=0,
+        endpoint=endpoint,
+        protocol_version=wire.PROTOCOL_VERSION,
+        replica=replica,
+        **fields,
+    )
+    return coordinator.register_shard(request)
+
+
 def test_the_coordinator_promotes_only_a_backup_its_primary_reported_caught_up() -> None:
     compiled = CompiledModel(digits_mlp(), num_shards=1)
     config = TrainConfig(
@@ -155,16 +175,7 @@ def test_the_coordinator_promotes_only_a_backup_its_primary_reported_caught_up()
     coordinator.describe_model(layout_message(compiled.layout))
     coordinator.accept_initial(compiled.layout.fingerprint, compiled.initial_flat())
 
-    def register(replica: int, incarnation: int) -> pb.RegisterShardReply:
-        endpoint = pb.ShardEndpoint(
-            data_address=f"tcp://127.0.0.1:{5000 + replica}",
-            pub_address=f"tcp://127.0.0.1:{6000 + replica}",
-            incarnation=incarnation,
-        )
-        request = pb.RegisterShardRequest(
-            shard_id=0, endpoint=endpoint, protocol_version=wire.PROTOCOL_VERSION, replica=replica
-        )
-        return coordinator.register_shard(request)
+    register = partial(_register, coordinator)
 
     def beat(replica: int, incarnation: int, **fields: Any) -> pb.HeartbeatReply:
         return coordinator.heartbeat(
@@ -220,22 +231,7 @@ def test_after_a_coordinator_restart_the_primary_registers_first_if_alive() -> N
     coordinator.describe_model(layout_message(compiled.layout))
     fingerprint = compiled.layout.fingerprint
 
-    def register(replica: int, incarnation: int, following: int = 0) -> pb.RegisterShardReply:
-        endpoint = pb.ShardEndpoint(
-            data_address=f"tcp://127.0.0.1:{5000 + replica}",
-            pub_address=f"tcp://127.0.0.1:{6000 + replica}",
-            incarnation=incarnation,
-        )
-        request = pb.RegisterShardRequest(
-            shard_id=0,
-            endpoint=endpoint,
-            protocol_version=wire.PROTOCOL_VERSION,
-            replica=replica,
-            layout_fingerprint=fingerprint,
-            version=500,
-            following=following,
-        )
-        return coordinator.register_shard(request)
+    register = partial(_register, coordinator, layout_fingerprint=fingerprint, version=500)
 
     waiting = register(1, 101, following=100)
     assert not waiting.ready and "primary" in waiting.waiting_for
@@ -253,6 +249,7 @@ def test_after_a_coordinator_restart_the_primary_registers_first_if_alive() -> N
     # a range whose primary never comes back: after the heartbeat timeout, its backup
     coordinator = Coordinator(config)
     coordinator.describe_model(layout_message(compiled.layout))
+    register = partial(_register, coordinator, layout_fingerprint=fingerprint, version=500)
     assert not register(1, 101, following=100).ready
     coordinator.started -= config.heartbeat_timeout
     reply = register(1, 101, following=100)
