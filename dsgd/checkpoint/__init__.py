@@ -26,9 +26,11 @@ from dsgd.checkpoint.store import (
     WriteResult,
     latest_valid,
     list_checkpoints,
+    read_lineage,
     save_async,
     scan_latest,
     write,
+    write_lineage,
 )
 from dsgd.checkpoint.stream import STREAM_CHUNK_BYTES, file_sha256, reassemble, stream_file
 
@@ -44,6 +46,7 @@ __all__ = [
     "file_sha256",
     "latest_valid",
     "list_checkpoints",
+    "read_lineage",
     "read_checkpoint",
     "read_cluster_checkpoint",
     "read_header",
@@ -53,5 +56,6 @@ __all__ = [
     "snapshot",
     "stream_file",
     "write",
+    "write_lineage",
     "write_manifest",
 ]

@@ -221,3 +221,32 @@ def latest_valid(
         reasons = "; ".join(f"{path.name}: {reason}" for path, reason in result.rejected)
         raise CheckpointError(f"no valid checkpoint of shard {shard_id} in {directory}: {reasons}")
     return result.checkpoint
+
+
+# -- lineage ------------------------------------------------------------------------------
+
+LINEAGE_KEEP = 64  # incarnations remembered per shard
+
+
+def lineage_path(directory: PathLike, shard_id: int) -> Path:
+    return Path(directory) / f"shard{shard_id}.lineage.json"
+
+
+def read_lineage(directory: PathLike, shard_id: int) -> list[tuple[int, int]]:
+    """``(incarnation, started_from)`` of each process that served ``shard_id`` from this
+    directory, oldest first ([] when there is none, or it is unreadable: the lineage only
+    feeds the accounting of lost pushes, never the state)."""
+    try:
+        raw = json.loads(lineage_path(directory, shard_id).read_text())
+        return [(int(inc), int(start)) for inc, start in raw][-LINEAGE_KEEP:]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def write_lineage(directory: PathLike, shard_id: int, lineage: list[tuple[int, int]]) -> None:
+    """Replace the shard's lineage file atomically (blocking: small, written at startup)."""
+    path = lineage_path(directory, shard_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps([list(entry) for entry in lineage[-LINEAGE_KEEP:]]))
+    tmp.replace(path)

@@ -42,6 +42,7 @@ log = logging.getLogger("dsgd.coordinator")
 SHARD_GRACE = 15.0  # seconds shards keep serving after the run ends, for workers to drain
 MAX_WORKERS = 4096
 MAX_ACKED = 65536  # (shard, incarnation) acknowledged versions remembered
+MAX_LINEAGE = 64  # a shard's past incarnations taken from one registration
 UPLOAD_STALL = 10.0  # seconds without progress before another member may upload instead
 ROLES = {pb.ROLE_SHARD: "shard", pb.ROLE_WORKER: "worker", pb.ROLE_EVALUATOR: "evaluator"}
 
@@ -97,22 +98,35 @@ def check_endpoint(endpoint: pb.ShardEndpoint) -> None:
 class Coordinator:
     """Membership and the end of the run; every method is a quick, synchronous decision."""
 
-    def __init__(self, config: TrainConfig, restore: ClusterCheckpoint | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        restore: ClusterCheckpoint | None = None,
+        *,
+        run_age: float = 0.0,
+    ) -> None:
+        """``run_age``: seconds the run had been going when this coordinator started (a
+        restarted coordinator keeps the run's time budget and clock, not a new one)."""
         self.config = config
         self.restore = restore
         self.layout: Layout | None = None
         self.initial: InitialState | None = (
             InitialState.from_checkpoint(restore, config) if restore is not None else None
         )
-        self.started = time.monotonic()
+        self.booted = time.monotonic()  # this process: members may still be re-registering
+        self.started = self.booted - max(0.0, run_age)  # the run
+        # pushes have been applied: members need not wait for anything of the start (the
+        # evaluator's first read) before joining
+        self.training_began = False
         self.shards: dict[int, Member] = {}  # each range's primary
         self.backups: dict[int, dict[int, Member]] = {}  # range -> replica -> backup
         self.failovers = 0
         # acknowledged pushes lost to restarts from checkpoints: the highest version each
-        # shard incarnation (low 32 bits) acknowledged to any worker, and each restart's
-        # (shard, incarnation before, version it restarted from)
+        # shard incarnation (low 32 bits) acknowledged to any worker, and for each
+        # (shard, incarnation that ended) the version its successor started from; both
+        # rebuilt from what members report, by a restarted coordinator too
         self.acked: dict[tuple[int, int], int] = {}
-        self.restarts: list[tuple[int, int, int]] = []
+        self.restarts: dict[tuple[int, int], int] = {}
         self.workers: dict[int, Member] = {}
         self.evaluator: Member | None = None
         self.history: list[pb.Evaluation] = []
@@ -226,13 +240,20 @@ class Coordinator:
                 return f"shard {shard_id} to load its parameters (since {loading:.0f} s)"
             if self.member_state(shard) == "dead":
                 return f"shard {shard_id} (silent for {now - shard.last_seen:.0f} s)"
-        if self.config.evaluator and not self.evaluator_read:
+        if self._evaluator_gate():
             return f"the evaluator to read the initial parameters ({since})"
         live = [w for w in self.workers.values() if self.member_state(w) != "dead"]
         if len(live) < self.config.num_workers and not self.done:
             missing = self.config.num_workers - len(live)
             return f"{missing} of {self.config.num_workers} workers to register ({since})"
         return ""
+
+    def _evaluator_gate(self) -> bool:
+        """Whether workers wait for the evaluator's first read: only at the start of a run,
+        so that its first evaluation sees the parameters before any push. Once pushes were
+        applied (a coordinator that restarted mid-run) nothing is gained by it, and a worker
+        must never wait on a member that may itself be waiting for a shard."""
+        return self.config.evaluator and not self.evaluator_read and not self.training_began
 
     def shards_ready(self) -> bool:
         return len(self.shards) == self.config.num_shards and all(
@@ -259,7 +280,7 @@ class Coordinator:
         if (
             request.following
             and shard_id not in self.shards
-            and time.monotonic() - self.started < self.config.heartbeat_timeout
+            and time.monotonic() - self.booted < self.config.heartbeat_timeout
         ):
             # this coordinator restarted: the primary, which holds the newest state,
             # registers first if it is alive (a backup may lack what it acknowledged last)
@@ -278,10 +299,10 @@ class Coordinator:
         )
         if not has_state and self.initial is None:
             return pb.RegisterShardReply(ready=False, waiting_for=self.waiting_for())
-        before = self.shards.get(shard_id)
-        if before is not None and before.incarnation != request.endpoint.incarnation:
-            start = request.version if has_state else initial_version
-            self.restarts.append((shard_id, before.incarnation & 0xFFFFFFFF, start))
+        start = request.version if has_state else initial_version
+        if has_state and request.version > initial_version:
+            self.training_began = True
+        self._note_restarts(request, self.shards.get(shard_id), start)
         member = self.shards[shard_id] = self._shard_member(request)
         self.backups.get(shard_id, {}).pop(request.replica, None)
         log.info(
@@ -291,6 +312,21 @@ class Coordinator:
             member.incarnation,
         )
         return self._registered_reply(shard_id, send_initial=not has_state, version=initial_version)
+
+    def _note_restarts(
+        self, request: pb.RegisterShardRequest, before: Member | None, start: int
+    ) -> None:
+        """Remember which shard incarnations ended and the version their successors started
+        from: the primary this one replaces, and the lineage of its checkpoint directory
+        (what a coordinator that restarted since has no other way to know)."""
+        shard_id = request.shard_id
+        if before is not None and before.incarnation != request.endpoint.incarnation:
+            self.restarts[(shard_id, before.incarnation & 0xFFFFFFFF)] = start
+        lineage = list(request.lineage)[-MAX_LINEAGE:]
+        for ended, successor in zip(lineage, lineage[1:], strict=False):
+            # -1: this process does not know yet (it starts from what this reply gives it)
+            began = start if successor.started_from < 0 else successor.started_from
+            self.restarts.setdefault((shard_id, ended.incarnation & 0xFFFFFFFF), began)
 
     def _shard_member(self, request: pb.RegisterShardRequest) -> Member:
         """The member a shard's registration makes, its endpoint naming its range."""
@@ -406,7 +442,7 @@ class Coordinator:
             kept = {e.incarnation for e in live}
             member.chain = frozenset(c for c in member.chain if c[0] in kept)
             # just started (restarted): backups not registered again yet are not gone
-            settling = time.monotonic() - self.started < self.config.heartbeat_timeout
+            settling = time.monotonic() - self.booted < self.config.heartbeat_timeout
             return {"primary": True, "replicas": live, "settling": settling}
         if primary is not None and primary.endpoint is not None:
             return {"primary": False, "replicas": [primary.endpoint]}
@@ -428,10 +464,10 @@ class Coordinator:
         if self.describe_model(request.layout):
             return pb.RegisterWorkerReply(ready=False, send_initial=True)
         waiting = self.waiting_for()
-        if not self.shards_ready() or (self.config.evaluator and not self.evaluator_read):
-            # with an evaluator, its first evaluation sees the parameters before any push
+        if not self.shards_ready() or self._evaluator_gate():
             return pb.RegisterWorkerReply(ready=False, waiting_for=waiting)
         worker_id = self._choose_worker_slot(request.worker_id)
+        self.training_began = True
         previous = self.workers.get(worker_id)
         self.workers[worker_id] = Member(
             pb.ROLE_WORKER, worker_id, incarnation=request.incarnation, address=request.host
@@ -556,7 +592,7 @@ class Coordinator:
         """Per shard: acknowledged pushes its restarts from checkpoints lost (the versions
         between the one it restarted from and the last one workers saw acknowledged)."""
         lost: dict[int, int] = {}
-        for shard_id, incarnation, start in self.restarts:
+        for (shard_id, incarnation), start in self.restarts.items():
             gone = max(0, self.acked.get((shard_id, incarnation), 0) - start)
             lost[shard_id] = lost.get(shard_id, 0) + gone
         return lost

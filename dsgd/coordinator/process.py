@@ -56,15 +56,19 @@ async def run_coordinator(
     on_ready: Callable[[str], None] | None = None,
     restore: Path | None = None,
     security: Security | None = None,
+    run_started: float | None = None,
 ) -> tuple[Coordinator, FlatParams | None]:
     """Coordinate one run until it is over (or ``stop``); return the coordinator and the
     final parameters (None when no shard could give them).
 
     ``on_ready(address)`` is called once the gRPC server listens. With ``security`` the
     control plane speaks mutual TLS and the final parameters are read over CURVE.
+    ``run_started`` (Unix time) is when the run began, for a coordinator that restarts
+    mid-run: the time budget and the clock of the run go on from there.
     """
     saved = None if restore is None else await _read_restore(restore, config)
-    coordinator = Coordinator(config, saved)
+    run_age = 0.0 if run_started is None else max(0.0, time.time() - run_started)
+    coordinator = Coordinator(config, saved, run_age=run_age)
     metrics.add(metrics.ClusterCollector(asyncio.get_running_loop(), coordinator.status))
     server, bound = await start_grpc_server(
         host,
@@ -130,7 +134,8 @@ async def _run(
 
 async def _budget(coordinator: Coordinator) -> None:
     """The time budget is a deadline of its own, whatever else the run is doing."""
-    await asyncio.sleep(coordinator.config.max_seconds)
+    elapsed = time.monotonic() - coordinator.started
+    await asyncio.sleep(max(0.0, coordinator.config.max_seconds - elapsed))
     coordinator.budget_spent()
 
 
@@ -202,6 +207,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--linger", type=float, default=60.0, help="seconds to wait for members")
     parser.add_argument("--config-file", type=Path, help="TrainConfig JSON (overrides the flags)")
     parser.add_argument("--restore", type=Path, help="start from this cluster checkpoint")
+    parser.add_argument(
+        "--run-started",
+        type=float,
+        help="Unix time the run began (a restarted coordinator keeps the run's time budget)",
+    )
     parser.add_argument("--log-level", default="INFO")
     add_operator_arguments(parser)
     add_security_arguments(parser)
@@ -230,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             linger=args.linger,
             restore=args.restore,
             security=security,
+            run_started=args.run_started,
         )
         if args.status_file:
             text = json_format.MessageToJson(coordinator.status(), preserving_proto_field_name=True)

@@ -69,7 +69,7 @@ class ShardEndpoint(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., data_address: _Optional[str] = ..., pub_address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., incarnation: _Optional[int] = ..., control_address: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class RegisterShardRequest(_message.Message):
-    __slots__ = ("shard_id", "endpoint", "layout_fingerprint", "version", "protocol_version", "replica", "following")
+    __slots__ = ("shard_id", "endpoint", "layout_fingerprint", "version", "protocol_version", "replica", "following", "lineage")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class RegisterShardRequest(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     FOLLOWING_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     endpoint: ShardEndpoint
     layout_fingerprint: int
@@ -84,7 +85,16 @@ class RegisterShardRequest(_message.Message):
     protocol_version: int
     replica: int
     following: int
-    def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., replica: _Optional[int] = ..., following: _Optional[int] = ...) -> None: ...
+    lineage: _containers.RepeatedCompositeFieldContainer[Incarnation]
+    def __init__(self, shard_id: _Optional[int] = ..., endpoint: _Optional[_Union[ShardEndpoint, _Mapping]] = ..., layout_fingerprint: _Optional[int] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., replica: _Optional[int] = ..., following: _Optional[int] = ..., lineage: _Optional[_Iterable[_Union[Incarnation, _Mapping]]] = ...) -> None: ...
+
+class Incarnation(_message.Message):
+    __slots__ = ("incarnation", "started_from")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FROM_FIELD_NUMBER: _ClassVar[int]
+    incarnation: int
+    started_from: int
+    def __init__(self, incarnation: _Optional[int] = ..., started_from: _Optional[int] = ...) -> None: ...
 
 class LeafShape(_message.Message):
     __slots__ = ("dims",)
