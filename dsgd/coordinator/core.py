@@ -229,7 +229,11 @@ class Coordinator:
         since = f"since {now - self.started:.0f} s"
         if self.layout is None:
             return f"a worker or the evaluator to describe the model ({since})"
-        if self.initial is None and len(self.shards) < self.config.num_shards:
+        if (
+            self.initial is None
+            and len(self.shards) < self.config.num_shards
+            and not self.training_began  # (mid-run the shards come back with their state)
+        ):
             return f"the model's initial parameters ({since})"
         for shard_id in range(self.config.num_shards):
             shard = self.shards.get(shard_id)
