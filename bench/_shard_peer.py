@@ -100,8 +100,8 @@ def _answer_requests(conn: mp.connection.Connection, core: ShardCore) -> None:
             return
         if request != STATS:
             return
-        counters = core.counters
-        snapshot = {name: counters.get(name, 0) for name in COUNTERS}
+        counters = core.counters.as_dict()
+        snapshot = {name: counters[name] for name in COUNTERS}
         snapshot["version"] = core.state.version
         snapshot["time"] = time.monotonic()
         conn.send(snapshot)

@@ -25,6 +25,7 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -40,7 +41,7 @@ from dsgd.proto import control_pb2 as pb
 from dsgd.runtime import add_member_arguments, owned, run_process, setup_logging, write_ready_file
 from dsgd.security import Security, from_arguments
 from dsgd.shard.client import ParameterReader
-from dsgd.stats import RateMeter, paced_interval
+from dsgd.stats import CounterRecord, RateMeter, paced_interval
 from dsgd.types import ShardInfo
 from dsgd.worker.process import load_cluster_model
 
@@ -51,6 +52,15 @@ DUTY = 0.25  # the most of its time the evaluator spends evaluating (it shares t
 # the evaluator process's scheduling niceness: where it shares cores with workers, the
 # workers' steps come first
 NICENESS = 10
+
+
+@dataclass(slots=True)
+class EvaluatorCounters(CounterRecord):
+    """The evaluator's cumulative counters, reported in its heartbeat under these names."""
+
+    evaluations: int = 0
+    evaluations_skipped: int = 0  # the parameters could not be read (a shard did not answer)
+    eval_seconds: float = 0.0  # spent evaluating, in all
 
 
 class Evaluator:
@@ -72,9 +82,7 @@ class Evaluator:
         self.reader = ParameterReader(compiled.layout.fingerprint, context, security=security)
         self.flat = aligned_empty(compiled.layout.size)
         self.rate = RateMeter()
-        self.evaluations = 0
-        self.skipped = 0
-        self.seconds = 0.0  # spent evaluating, in all
+        self.counters = EvaluatorCounters()
         self.last: dict[str, float] = {}
         self.sample = compiled.evaluation_sample(config.eval_sample, config.seed)
         self.over = asyncio.Event()  # the run is over (the final evaluation is still to come)
@@ -110,7 +118,7 @@ class Evaluator:
                 continue
             report = pb.EvaluationReport(incarnation=self.incarnation, evaluation=evaluation)
             reply = await link.call(link.stub.ReportEvaluation, report, "reporting an evaluation")
-            if self.evaluations == 1:
+            if self.counters.evaluations == 1:
                 write_ready_file(ready_file, {"role": "evaluator"})
             if reply.shutdown:
                 log.info("evaluator: the run is over (%s)", reply.reason)
@@ -121,9 +129,10 @@ class Evaluator:
         that would take longer than FINAL_EVALUATION_SECONDS (going by the sample's cost)."""
         assert self.sample is not None
         total = len(self.compiled.spec.dataset.x_test)
-        per_example = self.seconds / max(1, self.evaluations * len(self.sample))
+        counters = self.counters
+        per_example = counters.eval_seconds / max(1, counters.evaluations * len(self.sample))
         expected = per_example * total
-        if self.evaluations and expected > FINAL_EVALUATION_SECONDS:
+        if counters.evaluations and expected > FINAL_EVALUATION_SECONDS:
             log.warning(
                 "no final evaluation: the whole split (%d examples) would take about %.0f s; "
                 "the last result covers a sample of %d",
@@ -154,10 +163,10 @@ class Evaluator:
         try:
             total_version = await self.reader.read(self.shards, self.flat)
         except (PeerLost, ProtocolError, Closed) as exc:
-            self.skipped += 1
+            self.counters.evaluations_skipped += 1
             log.warning("evaluation skipped: %s", exc)
             return None
-        if not self.evaluations:
+        if not self.counters.evaluations:
             read = pb.EvaluationReport(incarnation=self.incarnation, read=True)
             await link.call(link.stub.ReportEvaluation, read, "reporting the first read")
         began = time.perf_counter()
@@ -169,11 +178,11 @@ class Evaluator:
                 await link.call(link.stub.ReportEvaluation, report, "reporting a failure")
             raise
         seconds = time.perf_counter() - began
-        if not self.evaluations and self.compiled.outputs_path == EAGER:
+        if not self.counters.evaluations and self.compiled.outputs_path == EAGER:
             log.warning("JAX cannot trace apply, so it is evaluated eagerly on NumPy arrays")
         examples = len(self.compiled.spec.dataset.x_test) if rows is None else len(rows)
-        self.evaluations += 1
-        self.seconds += seconds
+        self.counters.evaluations += 1
+        self.counters.eval_seconds += seconds
         self.rate.add()
         self.last = metrics
         return pb.Evaluation(
@@ -186,12 +195,7 @@ class Evaluator:
         )
 
     def heartbeat(self, leaving: bool = False) -> pb.HeartbeatRequest:
-        counters = {
-            "evaluations": float(self.evaluations),
-            "evaluations_skipped": float(self.skipped),
-            "eval_seconds": self.seconds,
-        }
-        stats = {"rate": self.rate.rate(), "counters": counters}
+        stats = {"rate": self.rate.rate(), "counters": self.counters.as_dict()}
         return pb.HeartbeatRequest(
             role=pb.ROLE_EVALUATOR,
             id=0,

@@ -1,4 +1,5 @@
-"""Small counters shared by the shard and the worker: rates, staleness, rate-limited logs."""
+"""Small counters shared by the shard and the worker: the base of each role's counter
+record, rates, staleness, rate-limited logs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -16,6 +18,18 @@ STALENESS_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # a worker's heartbeat counters acked_shard{K}_{incarnation}: the highest version shard K
 # acknowledged to it per shard incarnation, for counting pushes a restart lost
 ACKED_PREFIX = "acked_shard"
+
+
+@dataclass(slots=True)
+class CounterRecord:
+    """The base of a role's counters (``WorkerCounters``, ``ShardCounters``,
+    ``EvaluatorCounters``): a ``@dataclass(slots=True)`` with one field per counter, so a
+    misspelled name is a type error for mypy and an AttributeError at run time, never a
+    new key or a KeyError in production."""
+
+    def as_dict(self) -> dict[str, float]:
+        """The flat ``name -> number`` map a heartbeat's ``counters`` carries."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
 
 
 def peak_rss_bytes() -> float:

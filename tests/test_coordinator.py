@@ -194,3 +194,28 @@ def test_a_silent_primary_is_replaced_by_a_caught_up_backup_but_not_after_the_ru
         else:
             assert coordinator.failovers == 1 and reply.primary
             assert coordinator.shards[0].incarnation == 101
+
+
+def test_a_worker_that_leaves_before_registering_again_still_counts(
+    compiled: CompiledModel,
+) -> None:
+    """The coordinator restarted while the workers were taking their last steps: a worker
+    whose goodbye is the first this coordinator hears of it is kept with its final numbers,
+    so the step budget ends the run instead of waiting for it to register."""
+    coordinator = Coordinator(TrainConfig(model=MODEL, num_workers=2, max_steps=50))
+    coordinator.describe_model(layout_message(compiled.layout))
+    for shard_id, incarnation in ((0, 10), (1, 11)):
+        assert _shard(coordinator, compiled, shard_id, incarnation, version=400).ready
+    for worker_id, incarnation in ((0, 20), (1, 21)):
+        reply = coordinator.heartbeat(
+            pb.HeartbeatRequest(
+                role=pb.ROLE_WORKER,
+                id=worker_id,
+                incarnation=incarnation,
+                leaving=True,
+                stats=pb.MemberStats(step=50, counters={"acked_shard0_10": 400.0}),
+            )
+        )
+    assert reply.reregister  # (it is gone: nothing comes of it)
+    assert coordinator.done and "step budget" in coordinator.done_reason
+    assert coordinator.acked[(0, 10)] == 400

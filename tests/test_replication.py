@@ -303,23 +303,23 @@ async def test_a_backup_follows_its_primary_and_every_ack_means_both_applied(
         await primary.aclose()
 
 
-async def _join(dealer: zmq.asyncio.Socket, joins: int = 1) -> None:
+async def _join(dealer: zmq.asyncio.Socket, joins: int = 1, fingerprint: int = FINGERPRINT) -> None:
     """Join as backup replica 1 and take the state, as a Follower does, but by hand."""
     header = wire.Header(
-        kind=wire.JOIN, fingerprint=FINGERPRINT, shard=0, worker=1, seq=joins, incarnation=5
+        kind=wire.JOIN, fingerprint=fingerprint, shard=0, worker=1, seq=joins, incarnation=5
     )
     await dealer.send(wire.pack_header(header))
-    while True:
-        reply = wire.unpack_header(await asyncio.wait_for(dealer.recv(), 10.0))
+    while True:  # each piece is its header and its values (the books: their bytes)
+        frames = await asyncio.wait_for(dealer.recv_multipart(), 10.0)
+        reply = wire.unpack_header(frames[0])
         assert reply.kind == wire.STATE, reply
         if reply.about == "books":
             return
-        await dealer.recv()  # (the piece's values)
 
 
-def _confirm(seq: int) -> bytes:
+def _confirm(seq: int, fingerprint: int = FINGERPRINT) -> bytes:
     return wire.pack_header(
-        wire.Header(kind=wire.CONFIRM, fingerprint=FINGERPRINT, shard=0, seq=seq)
+        wire.Header(kind=wire.CONFIRM, fingerprint=fingerprint, shard=0, seq=seq)
     )
 
 
@@ -352,7 +352,7 @@ async def test_a_push_whose_ack_is_held_past_the_timeout_is_resent_and_applied_o
         assert await client.push(1, _push(1), done.set_result, 10.0)
         await asyncio.sleep(1.2)  # held: four timeouts, four resends
         assert not done.done() and client.pushes_resent >= 2
-        assert primary.core.counters["duplicates"] >= 2
+        assert primary.core.counters.duplicates >= 2
         await backup.send(_confirm(primary.chain.forwarded))
         result = await asyncio.wait_for(done, 10.0)
         assert result.complete and result.statuses[0] == AckStatus.APPLIED

@@ -86,7 +86,7 @@ async def test_duplicate_and_reordered_chunks_apply_exactly_once(harness: Harnes
         await harness.send_raw([bytes(f) for f in frames])
     fresh = await harness.fetch()  # served after every chunk above (same socket, in order)
     np.testing.assert_allclose(fresh, before - np.float32(0.1))
-    assert harness.server.counters["duplicates"] == len(messages)
+    assert harness.server.counters.duplicates == len(messages)
     assert harness.server.state.version == 1
 
 
@@ -192,7 +192,7 @@ async def test_sparse_pull_returns_exactly_the_changed_parameters(harness: Harne
     assert version == 1
     np.testing.assert_array_equal(np.concatenate(sent), idx)  # the indices sent
     np.testing.assert_array_equal(np.flatnonzero(mine != before), idx)
-    assert harness.server.counters["fetches_sparse"] == 1
+    assert harness.server.counters.fetches_sparse == 1
 
 
 async def test_a_fetch_between_the_chunks_of_a_push_gets_the_rest_next_time(
@@ -214,7 +214,7 @@ async def test_a_fetch_between_the_chunks_of_a_push_gets_the_rest_next_time(
     version, _ = await harness.client.fetch(mine, since=version)
     assert version == 1  # complete now
     np.testing.assert_array_equal(mine, harness.server.state.params)
-    assert harness.server.counters["fetches_sparse"] == 2
+    assert harness.server.counters.fetches_sparse == 2
 
 
 @pytest.mark.parametrize("harness", [{"staleness": "drop:2"}], indirect=True)
@@ -225,7 +225,7 @@ async def test_drop_policy_refuses_stale_pushes(harness: Harness) -> None:
     # versions when each arrived: 0, 1, 2 (accepted: staleness <= 2), then 3 > 2: dropped
     assert harness.done[4].statuses[0] == wire.AckStatus.STALE
     assert harness.server.state.version == 3
-    assert harness.server.counters["dropped_stale"] >= 1
+    assert harness.server.counters.dropped_stale >= 1
 
 
 @pytest.mark.parametrize("harness", [{"staleness": "scale"}], indirect=True)

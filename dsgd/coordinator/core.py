@@ -534,7 +534,9 @@ class Coordinator:
         self._check_failover()
         member = self._member(request.role, request.id, request.replica)
         if member is None:
-            return pb.HeartbeatReply(reregister=True)
+            if request.leaving and request.role == pb.ROLE_WORKER:
+                self._worker_left_unregistered(request)
+            return pb.HeartbeatReply(reregister=True, shutdown=self.done, reason=self.done_reason)
         if member.incarnation != request.incarnation:
             if request.role == pb.ROLE_SHARD:
                 return pb.HeartbeatReply(reregister=True)
@@ -579,6 +581,26 @@ class Coordinator:
             shards=self.shard_endpoints(),
             **shard_role,
         )
+
+    def _worker_left_unregistered(self, request: pb.HeartbeatRequest) -> None:
+        """A worker this coordinator never registered (it restarted while the worker was
+        finishing) says goodbye: keep its final numbers, so that the step budget and the
+        loss accounting see it, unless its slot went to another live process."""
+        if not 0 <= request.id < MAX_WORKERS:
+            return
+        holder = self.workers.get(request.id)
+        if holder is not None and self.member_state(holder) not in ("dead", "left"):
+            return
+        member = Member(pb.ROLE_WORKER, request.id, incarnation=request.incarnation)
+        member.stats.CopyFrom(request.stats)
+        member.ready = member.left = True
+        self.workers[request.id] = member
+        self._note_acked(request.stats.counters)
+        log.info(
+            "worker %d left (it had not registered again since this coordinator started)",
+            request.id,
+        )
+        self._check_step_budget()
 
     def _note_acked(self, counters: Any) -> None:
         """Take a worker's ``acked_shard{K}_{incarnation}`` counters (its highest

@@ -29,7 +29,7 @@ from dsgd.changes import ChangeTracker
 from dsgd.config import parse_staleness
 from dsgd.errors import ProtocolError
 from dsgd.optim import SGD, ServerOptimizerT
-from dsgd.stats import RateLimitedLog, RateMeter, StalenessHistogram
+from dsgd.stats import CounterRecord, RateLimitedLog, RateMeter, StalenessHistogram
 from dsgd.types import FlatParams, ShardRange
 from dsgd.wire import AckStatus
 
@@ -106,6 +106,24 @@ class _WorkerBook:
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
 
 
+@dataclass(slots=True)
+class ShardCounters(CounterRecord):
+    """A shard's cumulative counters, reported in its heartbeat under these names (its
+    refusals are counted apart, per check: :attr:`ShardCore.rejected`)."""
+
+    bytes_received: int = 0  # payload of every request, refused or not
+    bytes_sent: int = 0  # payload of fetch replies
+    pushes: int = 0  # pushes applied (the version counts these)
+    updates_applied: int = 0  # push chunks applied
+    values_applied: int = 0
+    duplicates: int = 0  # chunks applied before (resent or replayed): acknowledged only
+    dropped_stale: int = 0  # chunks refused by --staleness drop:K
+    fetches_sparse: int = 0  # answered with only the entries changed since the worker's version
+    fetches_dense: int = 0
+    replication_sends_failed: int = 0  # sends to a backup that failed (it left the chain)
+    replies_lost: int = 0  # replies to a peer that had gone away
+
+
 class ShardCore:
     """One shard's parameters and the rules for changing and reading them."""
 
@@ -121,7 +139,7 @@ class ShardCore:
     ) -> None:
         self.shard_id = shard_id
         self.incarnation = secrets.randbits(62) + 1
-        self.counters: Counter[str] = Counter()
+        self.counters = ShardCounters()
         self.rejected: Counter[str] = Counter()
         self.apply_rate = RateMeter()
         self.rate_log = RateLimitedLog(log)
@@ -223,7 +241,7 @@ class ShardCore:
         for the caller to send later with others to the same peer (:func:`wire.merge_acks`).
         ``replicated``: a push its primary forwarded, which a backup applies.
         """
-        self.counters["bytes_received"] += wire.payload_bytes(message)
+        self.counters.bytes_received += wire.payload_bytes(message)
         try:
             header, arrays = wire.decode(message)
         except ProtocolError as exc:
@@ -270,7 +288,7 @@ class ShardCore:
         push = book.pushes.get(header.seq)
         if push is None:
             if len(book.pushes) >= DEDUP_WINDOW and header.seq <= next(iter(book.pushes)):
-                self.counters["duplicates"] += 1  # older than anything remembered: a replay
+                self.counters.duplicates += 1  # older than anything remembered: a replay
                 return Outcome(AckStatus.DUPLICATE)
             # staleness is measured once per push, against the version before it
             push = _PushRecord(staleness=max(0, state.version - header.base_version))
@@ -279,12 +297,12 @@ class ShardCore:
                 book.pushes.popitem(last=False)
             book.staleness.add(push.staleness)
         if header.chunk in push.chunks:
-            self.counters["duplicates"] += 1
+            self.counters.duplicates += 1
             return Outcome(AckStatus.DUPLICATE)
         push.chunks.add(header.chunk)
         lr_scale = 1.0
         if self.staleness_policy == "drop" and push.staleness > self.staleness_bound:
-            self.counters["dropped_stale"] += 1
+            self.counters.dropped_stale += 1
             return Outcome(AckStatus.STALE)
         if self.staleness_policy == "scale":
             lr_scale = 1.0 / (1.0 + push.staleness)
@@ -292,11 +310,11 @@ class ShardCore:
             push.applied = True
             state.version += 1
             push.version = state.version
-            self.counters["pushes"] += 1
+            self.counters.pushes += 1
         self._track_partial(push, header.nchunks)
         self._apply_values(header, indices, values32, lr_scale)
-        self.counters["updates_applied"] += 1
-        self.counters["values_applied"] += header.count
+        self.counters.updates_applied += 1
+        self.counters.values_applied += header.count
         self.apply_rate.add()
         return Outcome(AckStatus.APPLIED)
 
@@ -402,12 +420,12 @@ class ShardCore:
             indices = self.changes.changed_since(request.base_version, SPARSE_PULL_MAX_FRACTION)
         if indices is not None:
             chunks = wire.sparse_chunks(template, indices, params[indices], self.chunk_bytes)
-            self.counters["fetches_sparse"] += 1
+            self.counters.fetches_sparse += 1
         else:
             chunks = wire.dense_chunks(template, params, self.chunk_bytes)
-            self.counters["fetches_dense"] += 1
+            self.counters.fetches_dense += 1
         messages = [chunk.frames for chunk in chunks]
-        self.counters["bytes_sent"] += sum(wire.payload_bytes(m) for m in messages)
+        self.counters.bytes_sent += sum(wire.payload_bytes(m) for m in messages)
         return messages
 
     def version_header(self) -> wire.Header:
@@ -468,7 +486,7 @@ class ShardCore:
         merged = StalenessHistogram()
         for histogram in per_worker.values():
             merged.merge(histogram)
-        out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}
+        out = self.counters.as_dict()
         out.update({f"rejected_{k}": float(v) for k, v in self.rejected.items()})
         out["rejected"] = float(sum(self.rejected.values()))
         for q in (50, 90, 99):

@@ -200,7 +200,7 @@ class ShardServer:
         connection closed leaves the chain (it must not stall the primary)."""
         for identity, message in outgoing:
             if not router.try_send([identity, *message]):
-                self.core.counters["replication_sends_failed"] += 1
+                self.core.counters.replication_sends_failed += 1
                 chain.lose(identity)
 
     async def _probe_loop(self, router: LoopSocket) -> None:
@@ -233,7 +233,7 @@ class ShardServer:
         try:
             await router.send([identity, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer went away
-            self.core.counters["replies_lost"] += 1
+            self.core.counters.replies_lost += 1
             self.core.rate_log.warning("send", f"shard {self.core.shard_id}: lost peer: {exc}")
             return False
         return True

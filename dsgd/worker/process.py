@@ -176,7 +176,7 @@ async def _train(
         "worker %d done after %d steps (%d pushes)",
         replica.worker_id,
         replica.step,
-        replica.counters["pushes"],
+        replica.counters.pushes,
     )
 
 

@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -34,31 +35,38 @@ from dsgd.model import EAGER, CompiledModel, batches
 from dsgd.optim import subtract_scaled
 from dsgd.security import Security
 from dsgd.shard.client import SHARD_SILENT, PushResult, ShardClient
-from dsgd.stats import ACKED_PREFIX, RateMeter
+from dsgd.stats import ACKED_PREFIX, CounterRecord, RateMeter
 from dsgd.types import FlatParams, ShardInfo
 
 log = logging.getLogger("dsgd.worker")
 
 DRAIN_TIMEOUT = 10.0  # seconds to wait for acknowledgements when the run ends
 PERMIT_TIMEOUT = 5.0  # seconds to wait for a push permit before holding the push
-COUNTERS = (
-    "pushes",
-    "bytes_pushed",
-    "bytes_pushed_dense_equivalent",
-    "values_pushed",
-    "bytes_fetched",
-    "bytes_fetched_dense_equivalent",
-    "fetches",
-    "fetches_skipped",
-    "fetches_failed",
-    "fetches_unavailable",
-    "pushes_deferred",
-    "values_given_back",
-    "chunks_rejected",
-    "nonfinite_updates",
-    "gradient_seconds",  # computing gradients
-    "exchange_seconds",  # pushing and fetching (beside the gradient with --overlap)
-)
+
+
+@dataclass(slots=True)
+class WorkerCounters(CounterRecord):
+    """A worker's cumulative counters, reported in its heartbeat under these names
+    (:meth:`Replica.stats` adds ``pushes_resent`` and the ``acked_shard...`` versions,
+    which its shard clients keep)."""
+
+    pushes: int = 0  # push rounds that sent to at least one shard
+    bytes_pushed: int = 0
+    bytes_pushed_dense_equivalent: int = 0  # the same pushes sent densely (4 B a value)
+    values_pushed: int = 0
+    bytes_fetched: int = 0
+    bytes_fetched_dense_equivalent: int = 0  # every range fetched densely at every fetch round
+    fetches: int = 0
+    fetches_skipped: int = 0  # the shard's version had not moved
+    fetches_failed: int = 0
+    fetches_unavailable: int = 0  # not asked: the shard was silent
+    pushes_deferred: int = 0  # a shard's share kept in the residual (silent, or no permit)
+    values_given_back: int = 0  # never applied: returned to the residual to send again
+    chunks_rejected: int = 0
+    chunks_resent: int = 0  # unacknowledged chunks resent, as they were, to a promoted backup
+    nonfinite_updates: int = 0  # a shard's share not pushed: it held NaN or Inf
+    gradient_seconds: float = 0.0  # computing gradients
+    exchange_seconds: float = 0.0  # pushing and fetching (beside the gradient with --overlap)
 
 
 def acked_counters(shard_id: int, acked: dict[int, int]) -> dict[str, float]:
@@ -150,7 +158,7 @@ class Replica:
         self.seq = 0
         self.loss = float("nan")
         self.rate = RateMeter()
-        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+        self.counters = WorkerCounters()
         self.notes: dict[str, str] = {}  # facts for status, said once (how the gradient runs)
         self.on_first_push: Callable[[], None] | None = None  # called once a push is applied
 
@@ -215,7 +223,7 @@ class Replica:
             self.held_versions[k] = -1
             if self.config.replicas > 1:  # a backup took over: it has the books, resend as-is
                 resent = await self.clients[k].retarget(info.data_address, info.pub_address)
-                self.counters["chunks_resent"] += resent
+                self.counters.chunks_resent += resent
                 continue
             old = self.clients[k]
             self.clients[k] = self._client(info)
@@ -269,7 +277,7 @@ class Replica:
         computed in a thread (the loop goes on meanwhile)."""
         began = time.perf_counter()
         loss, pieces = await asyncio.to_thread(self.compiled.gradient_pieces, self.params, x, y)
-        self.counters["gradient_seconds"] += time.perf_counter() - began
+        self.counters.gradient_seconds += time.perf_counter() - began
         if not self.notes:
             self._note_gradient_path()
         return loss, pieces
@@ -289,7 +297,7 @@ class Replica:
         if push:
             await self.push()
         fetched = await self.fetch(adopt=adopt) if fetch else False
-        self.counters["exchange_seconds"] += time.perf_counter() - began
+        self.counters.exchange_seconds += time.perf_counter() - began
         return fetched
 
     def _note_gradient_path(self) -> None:
@@ -353,28 +361,28 @@ class Replica:
 
     async def _fetch_shard(self, k: int) -> bool:
         client, shard = self.clients[k], self.shards[k]
-        self.counters["bytes_fetched_dense_equivalent"] += 4 * (shard.stop - shard.start)
+        self.counters.bytes_fetched_dense_equivalent += 4 * (shard.stop - shard.start)
         held = self.held_versions[k]
         same_shard = client.incarnation == self.held_incarnations[k]
         if held >= 0 and same_shard and not self._pushed_since_fetch[k]:
             if client.broadcast_version == held:
-                self.counters["fetches_skipped"] += 1
+                self.counters.fetches_skipped += 1
                 return False
         if held >= 0 and client.silent_for() > SHARD_SILENT:
-            self.counters["fetches_unavailable"] += 1
+            self.counters.fetches_unavailable += 1
             return False
         dest = self.server_params[shard.start : shard.stop]
         try:
             version, nbytes = await client.fetch(dest, since=held if same_shard else -1)
         except (PeerLost, ProtocolError, Closed) as exc:  # Closed: the shard moved
-            self.counters["fetches_failed"] += 1
+            self.counters.fetches_failed += 1
             log.warning("worker %d: fetch from shard %d failed: %s", self.worker_id, k, exc)
             return False
         self.held_versions[k] = version
         self.held_incarnations[k] = client.incarnation
         self._pushed_since_fetch[k] = False
-        self.counters["fetches"] += 1
-        self.counters["bytes_fetched"] += nbytes
+        self.counters.fetches += 1
+        self.counters.bytes_fetched += nbytes
         return True
 
     # -- push --------------------------------------------------------------------------------
@@ -398,7 +406,7 @@ class Replica:
             try:
                 encoded = self.encoders[k].encode(density=1.0 if flush else None)
             except FloatingPointError as exc:
-                self.counters["nonfinite_updates"] += 1
+                self.counters.nonfinite_updates += 1
                 log.warning("worker %d: push to shard %d skipped: %s", self.worker_id, k, exc)
                 continue
             template = wire.Header(
@@ -427,12 +435,12 @@ class Replica:
                 continue
             self._unavailable.discard(k)
             self._pushed_since_fetch[k] = True
-            self.counters["bytes_pushed"] += client.bytes_pushed - before
-            self.counters["bytes_pushed_dense_equivalent"] += 4 * (shard.stop - shard.start)
-            self.counters["values_pushed"] += encoded.values.size
+            self.counters.bytes_pushed += client.bytes_pushed - before
+            self.counters.bytes_pushed_dense_equivalent += 4 * (shard.stop - shard.start)
+            self.counters.values_pushed += encoded.values.size
             sent_any = True
         if sent_any:
-            self.counters["pushes"] += 1
+            self.counters.pushes += 1
 
     def _push_done(self, k: int, encoded: Encoded, result: PushResult) -> None:
         """A push to shard k settled: what was never applied goes back to the residual."""
@@ -441,7 +449,7 @@ class Replica:
             self.on_first_push()
             self.on_first_push = None
         if result.rejected:
-            self.counters["chunks_rejected"] += len(result.rejected)
+            self.counters.chunks_rejected += len(result.rejected)
             log.warning(
                 "worker %d: push %d to shard %d: %d chunk(s) rejected: %s",
                 self.worker_id,
@@ -461,10 +469,10 @@ class Replica:
                 encoder.give_back_dense(values, start)
             else:
                 encoder.give_back(encoded.indices[start:stop], values)
-            self.counters["values_given_back"] += stop - start
+            self.counters.values_given_back += stop - start
 
     def _mark_unavailable(self, k: int, why: str) -> None:
-        self.counters["pushes_deferred"] += 1
+        self.counters.pushes_deferred += 1
         if k not in self._unavailable:
             self._unavailable.add(k)
             log.warning(
@@ -477,7 +485,7 @@ class Replica:
     # -- reporting ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        counters = {k: float(v) for k, v in self.counters.items()}
+        counters = self.counters.as_dict()
         for client in self.clients:
             counters.update(acked_counters(client.shard_id, client.acked_versions))
         counters["pushes_resent"] = float(sum(c.pushes_resent for c in self.clients))
