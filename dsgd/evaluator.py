@@ -113,9 +113,10 @@ class Evaluator:
                 return
             began = time.monotonic()
             evaluation = await self.evaluate_once(link, self.sample)
-            next_at = began + paced_interval(self.config.eval_every, time.monotonic() - began, DUTY)
-            if evaluation is None:
+            if evaluation is None:  # a shard did not answer: try again soon (it may have
+                next_at = began + self.config.eval_every  # moved), not paced by the wait
                 continue
+            next_at = began + paced_interval(self.config.eval_every, time.monotonic() - began, DUTY)
             report = pb.EvaluationReport(incarnation=self.incarnation, evaluation=evaluation)
             reply = await link.call(link.stub.ReportEvaluation, report, "reporting an evaluation")
             if self.counters.evaluations == 1:
@@ -219,9 +220,21 @@ async def _heartbeats(
             evaluator.over.set()
         if reply is not None and reply.shards:
             evaluator.shards = shard_infos(reply.shards)
-        if reply is not None and reply.reregister:
-            with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
-                await link.call(link.stub.RegisterEvaluator, request, "registering again")
+        if reply is not None and reply.reregister and not reply.shutdown:
+            # the coordinator restarted: register again until admitted, then read from the
+            # shards where it says they are (one may have moved while it was down)
+            log.info("evaluator: coordinator restarted; registering again")
+            again = None
+            with contextlib.suppress(PeerLost):  # down again for long: the next beat retries
+                again = await link.register(
+                    link.stub.RegisterEvaluator,
+                    request,
+                    stop,
+                    "the evaluator again",
+                    (lambda: evaluator.flat) if evaluator.counters.evaluations else None,
+                )
+            if again is not None:
+                evaluator.shards = shard_infos(again.shards)
         await _wait_any((stop, evaluator.finished), evaluator.config.heartbeat_interval)
 
 

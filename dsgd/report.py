@@ -59,6 +59,8 @@ def summarize(status: pb.ClusterStatus, wall_seconds: float) -> dict[str, Any]:
         "bytes_pushed_dense_equivalent": int(_counter(workers, "bytes_pushed_dense_equivalent")),
         "bytes_fetched_dense_equivalent": int(_counter(workers, "bytes_fetched_dense_equivalent")),
         "values_given_back": int(_counter(workers, "values_given_back")),
+        # held for a shard no worker could reach before it left: never applied
+        "values_unpushed": int(_counter(workers, "values_unpushed")),
         "fetches": int(_counter(workers, "fetches")),
         "fetches_skipped": int(_counter(workers, "fetches_skipped")),
         "gradient_seconds": round(_counter(workers, "gradient_seconds"), 3),

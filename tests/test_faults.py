@@ -299,3 +299,86 @@ def test_a_worker_joins_a_running_cluster_and_leaves_it(processes: ProcessGroup)
     while workers() != {0: "alive", 1: "left"} and time.monotonic() < deadline:
         time.sleep(0.2)
     assert workers() == {0: "alive", 1: "left"}
+
+
+COMPOSED_STEPS = 6000
+
+
+def _kill_and_wait_restart(cluster: Cluster, name: str) -> None:
+    """SIGKILL member ``name`` and wait until the supervisor has started it again."""
+    pid = cluster.pids()[name]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while cluster.pids().get(name) == pid and time.monotonic() < deadline:
+        assert cluster.proc.poll() is None, cluster.proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    assert cluster.pids().get(name) != pid, f"{name} was not restarted"
+
+
+def _wait_connected(cluster: Cluster, shard_incarnation: str = "") -> dict[str, Any]:
+    """Every worker and both shards alive in the coordinator's view (shard 0 under a new
+    incarnation when ``shard_incarnation`` names the old one)."""
+
+    def connected(status: dict[str, Any]) -> bool:
+        members = status.get("members", [])
+        workers = [m for m in members if m["role"] == "ROLE_WORKER" and m["state"] == "alive"]
+        shards = {m.get("id", 0): m for m in members if m["role"] == "ROLE_SHARD"}
+        return (
+            len(workers) == 3
+            and len(shards) == 2
+            and all(s["state"] == "alive" for s in shards.values())
+            and shards[0].get("incarnation", "") != shard_incarnation
+        )
+
+    return cluster.wait_for("a fully connected cluster", connected, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("coordinator_first", [False, True], ids=["coordinator-last", "first"])
+def test_composed_restarts_converge_and_the_run_ends_on_its_step_budget(
+    cluster_factory: Any, coordinator_first: bool
+) -> None:
+    """A worker, a shard and the coordinator SIGKILLed in a row (the coordinator last, or
+    first), each restarted by the supervisor while the others are still coming back: the
+    cluster reconnects, every shard keeps receiving updates, the run ends on its own step
+    budget soon after the workers' last step, and nothing a worker held is dropped
+    unreported."""
+    cluster = cluster_factory(
+        "--workers", "3", "--target", "none", "--max-steps", str(COMPOSED_STEPS),
+        "--checkpoint-every", "0.5", "--max-seconds", "400",
+    )  # fmt: skip
+    status = cluster.training(at_least=300)
+    shard0 = next(m for m in status["members"] if m["role"] == "ROLE_SHARD" and not m.get("id"))
+    order = ["worker1", "shard0", "coordinator"]
+    if coordinator_first:
+        order = ["coordinator", "worker1", "shard0"]
+    for name in order:
+        _kill_and_wait_restart(cluster, name)
+    _wait_connected(cluster, shard_incarnation=shard0["incarnation"])
+
+    last_step_at: float | None = None
+    while cluster.proc.poll() is None:
+        status = cluster.status() or {}
+        workers = [m for m in status.get("members", []) if m["role"] == "ROLE_WORKER"]
+        steps = [int(m.get("stats", {}).get("step", 0)) for m in workers]
+        if last_step_at is None and len(steps) == 3 and min(steps) >= COMPOSED_STEPS:
+            last_step_at = time.monotonic()
+        if last_step_at is not None and time.monotonic() - last_step_at > 90:
+            break
+        time.sleep(0.5)
+    code, summary, err = cluster.finish(timeout=120)
+    ended_at = time.monotonic()
+    assert code == 0, err[-3000:]
+    assert "step budget" in summary["done_reason"], summary
+    assert last_step_at is None or ended_at - last_step_at < 60, summary
+    versions = summary["shard_versions"]
+    assert max(versions) <= 2 * min(versions), summary
+    final = json.loads((cluster.run_dir / "status.json").read_text())
+    workers = [m for m in final["members"] if m["role"] == "ROLE_WORKER"]
+    assert sorted(int(m.get("id", 0)) for m in workers) == [0, 1, 2]
+    assert all(int(m["stats"]["step"]) >= COMPOSED_STEPS for m in workers), workers
+    # what a worker still held at exit is counted, and here nothing was: the shards came back
+    assert summary["values_unpushed"] == 0, summary
+    # shard 0 restarted from a checkpoint: its loss is accounted, by a coordinator that
+    # restarted after it too
+    assert "0" in summary["lost_acknowledged_pushes"], summary

@@ -37,6 +37,7 @@ WORKER_COUNTERS = {
     "values_given_back",
     "chunks_rejected",
     "chunks_resent",
+    "values_unpushed",
     "nonfinite_updates",
     "gradient_seconds",
     "exchange_seconds",

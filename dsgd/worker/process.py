@@ -37,6 +37,7 @@ from dsgd.runtime import (
     write_ready_file,
 )
 from dsgd.security import Security, from_arguments
+from dsgd.types import FlatParams
 from dsgd.worker.replica import Replica
 
 LOST_BEAT_INTERVAL = 0.02  # s between heartbeats while a replicated shard's primary is lost
@@ -209,14 +210,8 @@ async def _heartbeats(
             return
         if reply is not None and reply.shards:
             await replica.update_endpoints(shard_infos(reply.shards))
-        if reply is not None and reply.reregister:
-            log.info("worker %d: coordinator restarted; registering again", replica.worker_id)
-            with contextlib.suppress(grpc.aio.AioRpcError, PeerLost):
-                again = await link.call(link.stub.RegisterWorker, request, "registering again")
-                # it lost its parameters: give it the ones this worker trains from, once
-                # every shard's share has been fetched (another member gives them otherwise)
-                if again.send_initial and not replica.fetch_missing():
-                    await link.upload_initial(request.layout.fingerprint, replica.server_params)
+        if reply is not None and reply.reregister and not reply.shutdown:
+            await _register_again(link, replica, request, stop)
         # a replicated shard's primary dropped: beat fast until the reply names the backup
         # that took over (the failover waits for this), for at most LOST_FAST_BEATS
         now = time.monotonic()
@@ -225,6 +220,36 @@ async def _heartbeats(
         interval = LOST_BEAT_INTERVAL if fast else config.heartbeat_interval
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_stop_or_lost(stop, replica, fast), interval)
+
+
+async def _register_again(
+    link: CoordinatorLink,
+    replica: Replica,
+    request: pb.RegisterWorkerRequest,
+    stop: asyncio.Event,
+) -> None:
+    """The coordinator does not know this worker (it restarted): register again, in the
+    same slot, until it admits it (training goes on meanwhile), then follow the shards
+    where it says they are (a shard may have moved while it was down)."""
+    log.info("worker %d: coordinator restarted; registering again", replica.worker_id)
+    again = None
+
+    def initial() -> FlatParams:
+        # it lost its parameters: give it the ones this worker trains from
+        return replica.server_params
+
+    # (only once every shard's share has been fetched; another member gives them otherwise)
+    with contextlib.suppress(PeerLost):  # down again for long: the next heartbeat retries
+        again = await link.register(
+            link.stub.RegisterWorker,
+            request,
+            stop,
+            f"worker {replica.worker_id} again",
+            None if replica.fetch_missing() else initial,
+        )
+    if again is not None:
+        await replica.update_endpoints(shard_infos(again.shards))
+        log.info("worker %d: registered again", replica.worker_id)
 
 
 async def _stop_or_lost(stop: asyncio.Event, replica: Replica, fast: bool) -> None:

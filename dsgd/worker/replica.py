@@ -64,6 +64,7 @@ class WorkerCounters(CounterRecord):
     values_given_back: int = 0  # never applied: returned to the residual to send again
     chunks_rejected: int = 0
     chunks_resent: int = 0  # unacknowledged chunks resent, as they were, to a promoted backup
+    values_unpushed: int = 0  # held for a shard that could not be reached when the worker left
     nonfinite_updates: int = 0  # a shard's share not pushed: it held NaN or Inf
     gradient_seconds: float = 0.0  # computing gradients
     exchange_seconds: float = 0.0  # pushing and fetching (beside the gradient with --overlap)
@@ -153,7 +154,11 @@ class Replica:
             )
             for s in self.shards
         ]
-        self._unavailable: set[int] = set()  # shards we are not pushing to right now
+        self._unavailable: dict[int, tuple[float, str]] = {}  # shards held back: since, why
+        # what closed clients (a shard that moved, the end of the run) had acknowledged,
+        # per shard id and incarnation, and resent: still reported in every heartbeat
+        self._retired_acked: dict[int, dict[int, int]] = {}
+        self._retired_resent = 0
         self.step = 0
         self.seq = 0
         self.loss = float("nan")
@@ -189,7 +194,7 @@ class Replica:
 
     async def aclose(self) -> None:
         for client in self.clients:
-            await client.aclose()
+            await self._retire(client)
         self.clients = []
 
     async def __aenter__(self) -> Replica:
@@ -203,6 +208,8 @@ class Replica:
         """Follow shards that moved: a restarted shard binds new ports (reconnect; what it
         never acknowledged goes back into the residual), a promoted backup serves the
         range elsewhere (retarget, resending what it never acknowledged unchanged)."""
+        if not self.clients:  # not started, or the run is over
+            return
         for info in shards:
             k = next((i for i, s in enumerate(self.shards) if s.shard_id == info.shard_id), None)
             if k is None or (info.start, info.stop) != (self.shards[k].start, self.shards[k].stop):
@@ -228,7 +235,15 @@ class Replica:
             old = self.clients[k]
             self.clients[k] = self._client(info)
             await self.clients[k].start()
-            await old.aclose()  # its unacknowledged pushes come back as lost: resent later
+            await self._retire(old)  # its unacknowledged pushes come back as lost: resent later
+
+    async def _retire(self, client: ShardClient) -> None:
+        """Close ``client``, keeping what it knew that heartbeats still report."""
+        await client.aclose()
+        acked = self._retired_acked.setdefault(client.shard_id, {})
+        for incarnation, version in client.acked_versions.items():
+            acked[incarnation] = max(acked.get(incarnation, 0), version)
+        self._retired_resent += client.pushes_resent
 
     # -- the Downpour loop -----------------------------------------------------------------
 
@@ -269,6 +284,26 @@ class Replica:
             fetch_due = self.step % config.n_fetch == 0
         await self.push(flush=True)  # what the residuals still hold, so nothing is left behind
         await self.drain()
+        await self.aclose()  # what was never acknowledged comes back into the residuals ...
+        self._count_unpushed()  # ... and is counted: the leaving heartbeat reports it
+
+    def _count_unpushed(self) -> None:
+        """Count (and say) what the residuals still hold as the worker leaves: updates for
+        a shard it could not reach, never applied anywhere."""
+        for k, encoder in enumerate(self.encoders):
+            held = int(np.count_nonzero(encoder.residual))
+            if not held:
+                continue
+            self.counters.values_unpushed += held
+            since, why = self._unavailable.get(k, (time.monotonic(), "not acknowledged"))
+            log.warning(
+                "worker %d: leaving with %d values never applied by shard %d (%s, for %.0f s)",
+                self.worker_id,
+                held,
+                self.shards[k].shard_id,
+                why,
+                time.monotonic() - since,
+            )
 
     async def _gradient(
         self, x: np.ndarray, y: np.ndarray
@@ -433,7 +468,7 @@ class Replica:
                 self._give_back(k, encoded, chunks)
                 self._mark_unavailable(k, f"{client.inflight} pushes unacknowledged")
                 continue
-            self._unavailable.discard(k)
+            self._available_again(k)
             self._pushed_since_fetch[k] = True
             self.counters.bytes_pushed += client.bytes_pushed - before
             self.counters.bytes_pushed_dense_equivalent += 4 * (shard.stop - shard.start)
@@ -471,10 +506,20 @@ class Replica:
                 encoder.give_back(encoded.indices[start:stop], values)
             self.counters.values_given_back += stop - start
 
+    def _available_again(self, k: int) -> None:
+        held = self._unavailable.pop(k, None)
+        if held is not None:
+            log.info(
+                "worker %d: pushing to shard %d again after %.0f s; what it held goes with it",
+                self.worker_id,
+                self.shards[k].shard_id,
+                time.monotonic() - held[0],
+            )
+
     def _mark_unavailable(self, k: int, why: str) -> None:
         self.counters.pushes_deferred += 1
         if k not in self._unavailable:
-            self._unavailable.add(k)
+            self._unavailable[k] = (time.monotonic(), why)
             log.warning(
                 "worker %d: holding updates for shard %d (%s); they stay in the residual",
                 self.worker_id,
@@ -486,14 +531,27 @@ class Replica:
 
     def stats(self) -> dict[str, Any]:
         counters = self.counters.as_dict()
+        acked = {shard_id: dict(versions) for shard_id, versions in self._retired_acked.items()}
         for client in self.clients:
-            counters.update(acked_counters(client.shard_id, client.acked_versions))
-        counters["pushes_resent"] = float(sum(c.pushes_resent for c in self.clients))
+            mine = acked.setdefault(client.shard_id, {})
+            for incarnation, version in client.acked_versions.items():
+                mine[incarnation] = max(mine.get(incarnation, 0), version)
+        for shard_id, versions in acked.items():
+            counters.update(acked_counters(shard_id, versions))
+        resent = self._retired_resent + sum(c.pushes_resent for c in self.clients)
+        counters["pushes_resent"] = float(resent)
+        now = time.monotonic()
+        notes = dict(self.notes)
+        for k, (since, why) in sorted(self._unavailable.items()):
+            shard_id = self.shards[k].shard_id
+            notes[f"worker {self.worker_id} holding shard {shard_id}"] = (
+                f"updates held for {now - since:.0f} s ({why})"
+            )
         return {
             "version": int(sum(max(v, 0) for v in self.held_versions)),
             "step": self.step,
             "rate": self.rate.rate(),
             "loss": 0.0 if np.isnan(self.loss) else float(self.loss),
             "counters": counters,
-            "notes": self.notes,
+            "notes": notes,
         }
