@@ -32,6 +32,7 @@ from google.protobuf import json_format
 from dsgd.config import FINAL_EVALUATION_SECONDS, TrainConfig, parse_target
 from dsgd.control import blocking_channel
 from dsgd.errors import ConfigError, DsgdError
+from dsgd.members import Member, MemberRole, cluster_members
 from dsgd.proto import control_pb2 as pb
 from dsgd.proto import control_pb2_grpc as pb_grpc
 from dsgd.report import progress_line, summarize
@@ -274,25 +275,22 @@ class Supervisor:
         coordinator.argv += ["--port", self.coordinator_address.rsplit(":", 1)[1]]
         self._channel = blocking_channel(self.coordinator_address, self.security)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
-        join = ["--coordinator", self.coordinator_address]
-        replicas = self.config.replicas
-        for k in range(self.config.num_shards):
-            for j in range(replicas):  # shard{k}, or shard{k}-r{j} for a replicated range
-                own = ["--replica", str(j)] if replicas > 1 else []
-                checkpoints = (
-                    self.checkpoint_dir / f"replica{j}" if replicas > 1 else self.checkpoint_dir
-                )
-                self.spawn(
-                    f"shard{k}" + (f"-r{j}" if replicas > 1 else ""),
-                    [*python, "dsgd.shard", *join, "--shard-id", str(k), *own]
-                    + ["--checkpoint-dir", str(checkpoints)],
-                )
-        if self.config.evaluator:
-            self.spawn("evaluator", [*python, "dsgd.evaluator", *join])
-        for k in range(self.config.num_workers):
-            self.spawn(f"worker{k}", [*python, "dsgd.worker", *join, "--worker-id", str(k)])
+        for member in cluster_members(self.config):
+            self.spawn(member.name, self.member_argv(member))
         status = self.watch()
         return self.finish(status)
+
+    def member_argv(self, member: Member) -> list[str]:
+        """The command line that starts ``member`` (:meth:`spawn` adds its ready file and
+        the keys)."""
+        argv = [sys.executable, "-m", f"dsgd.{member.role.value}"]
+        argv += ["--coordinator", self.coordinator_address]
+        if member.role is MemberRole.SHARD:
+            argv += ["--shard-id", str(member.shard_id), "--replica", str(member.replica)]
+            argv += ["--checkpoint-dir", str(member.checkpoint_dir(self.checkpoint_dir))]
+        elif member.role is MemberRole.WORKER:
+            argv += ["--worker-id", str(member.worker_id)]
+        return argv
 
     def spawn(self, name: str, argv: list[str], ready: Path | None = None) -> Child:
         """Start ``argv`` as member ``name``; members other than the coordinator get a

@@ -74,9 +74,13 @@ class ShardProcess:
         connect_timeout: float = 60.0,
         security: Security | None = None,
         replica: int = 0,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.replica = replica
-        self.ctx = zmq.asyncio.Context()
+        # every ZeroMQ socket of this shard is made in this context: its own unless the
+        # caller's (an in-process cluster's, which closes it and so the sockets it holds)
+        self._own_context = context is None
+        self.ctx = context or zmq.asyncio.Context()
         self.security = security
         self.link = CoordinatorLink(coordinator, give_up_after=connect_timeout, security=security)
         self.core = ShardCore(shard_id)
@@ -174,7 +178,8 @@ class ShardProcess:
             await self._grpc.stop(grace=0.2)
         await self.server.aclose()
         await self.link.aclose()
-        self.ctx.term()
+        if self._own_context:
+            self.ctx.term()
 
     # -- state -------------------------------------------------------------------------------
 

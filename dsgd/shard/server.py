@@ -84,7 +84,12 @@ class ShardServer:
         if self._security is not None:  # admits the cluster's keys; before any socket binds
             self._admission = Admission(self._ctx, self._security.directory, self.core.rejected)
             self._admission.start()
-        router: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
+        # made by the context, which then knows it (its destroy() closes it); pyzmq's stub
+        # allows only the context's own socket class
+        router: zmq.Socket[Any] = self._ctx.socket(
+            zmq.ROUTER,
+            socket_class=zmq.Socket,  # type: ignore[arg-type]
+        )
         pub = self._ctx.socket(zmq.PUB)
         self._router, self._pub = LoopSocket(router), pub
         for sock in (router, pub):
