@@ -13,10 +13,12 @@ import zmq.asyncio
 from dsgd import wire
 from dsgd.config import TrainConfig
 from dsgd.control import CoordinatorLink, layout_message
+from dsgd.errors import Closed
 from dsgd.examples.digits import digits_mlp
 from dsgd.model import CompiledModel
 from dsgd.optim import SGD
 from dsgd.proto import control_pb2 as pb
+from dsgd.shard.client import ShardClient
 from dsgd.shard.core import ShardCore, ShardState
 from dsgd.shard.replication import Chain
 from dsgd.shard.server import ShardServer
@@ -239,3 +241,44 @@ async def test_after_a_coordinator_restart_the_worker_gets_back_in_and_follows_a
             await moved.aclose()
     member = coordinator.workers[1]
     assert member.incarnation == replica.incarnation and coordinator.training_began
+
+
+async def test_a_fetch_the_dead_primary_never_answered_fails_at_the_retarget(
+    zmq_ctx: zmq.asyncio.Context,
+) -> None:
+    """A fetch sent to a primary that died is not left to wait out the fetch timeout (it
+    stalled a worker 10 s per failover): the retarget fails it, and a fetch from the new
+    primary returns its parameters."""
+    compiled = CompiledModel(digits_mlp(), num_shards=1)
+    size, fingerprint = compiled.layout.size, compiled.layout.fingerprint
+    mute = zmq_ctx.socket(zmq.ROUTER)  # takes requests, answers none: a dead process
+    port = mute.bind_to_random_port("tcp://127.0.0.1")
+    opt = SGD(0.5)
+    state = ShardState(compiled.initial_flat().copy(), opt.init(size), version=7)
+    promoted = ShardServer(ShardCore(0, fingerprint, opt, state))
+    await promoted.start_serving()
+    client = ShardClient(
+        0,
+        f"tcp://127.0.0.1:{port}",
+        promoted.pub_address,
+        fingerprint,
+        1,
+        zmq_ctx,
+        fetch_timeout=600.0,
+        replicated=True,
+    )
+    dest = np.zeros(size, np.float32)
+    try:
+        await client.start()
+        waiting = asyncio.create_task(client.fetch(dest))
+        await asyncio.wait_for(mute.recv_multipart(), 10.0)  # the request reached it
+        await client.retarget(promoted.data_address, promoted.pub_address)
+        with pytest.raises(Closed, match="moved"):
+            await asyncio.wait_for(waiting, 10.0)
+        version, _ = await asyncio.wait_for(client.fetch(dest), 10.0)
+        assert version == 7
+        np.testing.assert_array_equal(dest, compiled.initial_flat())
+    finally:
+        await client.aclose()
+        await promoted.aclose()
+        mute.close(linger=0)

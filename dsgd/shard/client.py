@@ -176,7 +176,8 @@ class ShardClient:
         """Talk to another process serving the same range from now on (a backup promoted
         to primary), and resend there every chunk still unacknowledged, as it was: the
         promoted backup's at-most-once books answer DUPLICATE for what it already applied.
-        Returns the chunks resent."""
+        Fetches still waiting fail with :class:`Closed` (fetch again). Returns the chunks
+        resent."""
         if self._closed or self._dealer is None or self._sub is None:
             raise Closed("retarget on a closed ShardClient")
         dealer = self._dealer.sock
@@ -193,6 +194,14 @@ class ShardClient:
         self.last_heard = time.monotonic()
         if self.lost is not None:
             self.lost.clear()
+        # a fetch the old process never answered would wait out fetch_timeout (10 s of a
+        # worker's training stalled per failover): it fails now, and the caller fetches
+        # the whole range again from the new one
+        for fetch in self._fetches.values():
+            if not fetch.done.done():
+                fetch.done.set_exception(
+                    Closed(f"shard {self.shard_id} moved to {data_address} during a fetch")
+                )
         loop = asyncio.get_running_loop()
         resent = 0
         for seq, pending in list(self._pushes.items()):
