@@ -191,6 +191,7 @@ class Supervisor:
         self._stub: pb_grpc.CoordinatorStub | None = None
         self._holding_signals = False
         self._evaluator_left_at: float | None = None  # seconds after the end of the run
+        self._overdue = ""  # why the supervisor ended a run the coordinator did not end
         self._held_signal: int | None = None
 
     def say(self, message: str) -> None:
@@ -269,10 +270,13 @@ class Supervisor:
         ]
         if self.restore is not None:
             coordinator_argv += ["--restore", str(self.restore)]
+        began = time.time()
         coordinator = self.spawn("coordinator", coordinator_argv, ready)
         self.coordinator_address = self.wait_ready(coordinator)["address"]
-        # a restarted coordinator must come back where the members look for it
+        # a restarted coordinator must come back where the members look for it, and go
+        # on with the run's clock and time budget
         coordinator.argv += ["--port", self.coordinator_address.rsplit(":", 1)[1]]
+        coordinator.argv += ["--run-started", repr(began)]
         self._channel = blocking_channel(self.coordinator_address, self.security)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         for member in cluster_members(self.config):
@@ -390,10 +394,13 @@ class Supervisor:
             if self.children[0].poll() == 0:
                 return status  # the coordinator is done (finish() reads its status.json)
             if done_at is None and now > overdue:
-                self.say(
-                    "dsgd: the time budget is spent and the coordinator has not ended the run; "
-                    "stopping every member"
+                self._overdue = (
+                    f"time budget of {self.config.max_seconds:.0f} s spent and the "
+                    f"coordinator had not ended the run {BUDGET_MARGIN:.0f} s later; "
+                    "the supervisor stopped it"
+                    + (f" (it was waiting for {status.waiting_for})" if status else "")
                 )
+                self.say(f"dsgd: {self._overdue}; stopping every member")
                 return status
             if status is not None and now - last_progress >= PROGRESS_INTERVAL:
                 self.say(progress_line(status))
@@ -431,6 +438,8 @@ class Supervisor:
         if status is None:
             raise ChildFailed("the coordinator reported no final status", self.children[0])
         summary = summarize(status, time.monotonic() - self.started)
+        if self._overdue:
+            summary["done_reason"] = self._overdue
         summary["restarts"] = {c.name: c.restarts for c in self.children if c.restarts}
         summary["run_dir"] = str(self.run_dir)
         line = json.dumps(summary)
@@ -440,6 +449,8 @@ class Supervisor:
         if status.failed:
             self.say(f"dsgd: error: {status.done_reason}")
             return EXIT_USER_ERROR if status.usage_error else 1
+        if self._overdue:
+            return 3
         if status.reached_target or parse_target(self.config.target) is None:
             return 0
         self.say(f"dsgd: target {self.config.target} not reached ({status.done_reason})")

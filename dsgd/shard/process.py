@@ -101,6 +101,11 @@ class ShardProcess:
         self.config = TrainConfig()
         self.restored: checkpoint.Checkpoint | None = None
         self.saved_version = -1
+        # the processes that served this shard from checkpoint_dir before this one, and
+        # the version this one started from (-1 until known): registrations carry them,
+        # so that any coordinator can count what each restart lost
+        self.lineage: list[tuple[int, int]] = []
+        self.started_from = -1
         self._grpc: grpc.aio.Server | None = None
         self._save_lock = asyncio.Lock()
         # replication: the primary this backup follows (None: it is a primary)
@@ -187,6 +192,7 @@ class ShardProcess:
         """Load the newest valid checkpoint of this shard, if the directory has one."""
         if self.checkpoint_dir is None:
             return
+        self.lineage = checkpoint.read_lineage(self.checkpoint_dir, self.shard_id)
         scan = checkpoint.scan_latest(self.checkpoint_dir, self.shard_id)
         for path, reason in scan.rejected:
             log.warning("shard %d: skipping checkpoint %s: %s", self.shard_id, path, reason)
@@ -199,6 +205,20 @@ class ShardProcess:
                 self.restored.path,
             )
             self.saved_version = self.restored.version
+            self.started_from = self.restored.version
+        self._write_lineage()
+
+    def _write_lineage(self) -> None:
+        """Record this process in the directory's lineage (small and rare: at start, and
+        once it knows the version it started from)."""
+        if self.checkpoint_dir is not None:
+            mine = (self.core.incarnation, self.started_from)
+            checkpoint.write_lineage(self.checkpoint_dir, self.shard_id, [*self.lineage, mine])
+
+    def _lineage_message(self) -> list[pb.Incarnation]:
+        past = [pb.Incarnation(incarnation=i, started_from=v) for i, v in self.lineage]
+        mine = pb.Incarnation(incarnation=self.core.incarnation, started_from=self.started_from)
+        return [*past, mine]
 
     def _staleness(self) -> tuple[StalenessHistogram, dict[str, int]]:
         """The merged staleness histogram and the rejections, for the metrics."""
@@ -226,6 +246,7 @@ class ShardProcess:
             protocol_version=PROTOCOL_VERSION,
             replica=self.replica,
             following=self.follow.incarnation if self.follow and core.installed else 0,
+            lineage=self._lineage_message(),
         )
         # not ready while the cluster does not know the model yet
         reply = await self.link.register(
@@ -305,6 +326,9 @@ class ShardProcess:
             shard_range.size,
             state.version,
         )
+        if self.started_from < 0:
+            self.started_from = state.version
+            await asyncio.to_thread(self._write_lineage)
 
     # -- replication ---------------------------------------------------------------------------
 
