@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench import _report
@@ -285,3 +286,33 @@ def test_shaped_link_rows_divide_each_step_time_by_the_unshaped_links(tmp_path: 
     assert rows["bridge", "dense"]["step_time_x_bridge"] == 1.0
     shaped_links.plot(list(rows.values()), tmp_path / "links.png")
     assert (tmp_path / "links.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_failover_model_says_how_many_steps_of_each_worker_every_chunk_holds() -> None:
+    """bench.failover's exactness check: each worker's fixed gradient is what the real
+    worker computes from its partition, and solving parameters for the steps they hold
+    finds one step too many (or too few) in the chunk it touched, and a value no whole
+    number of steps makes."""
+    from bench._fixed_gradient import (
+        LR,
+        applied_steps,
+        expected_params,
+        fixed_gradient,
+        worker_gradient,
+    )
+    from dsgd.model import CompiledModel
+
+    spec = fixed_gradient(params=1000, workers=3)
+    compiled = CompiledModel(spec, 1)
+    for w in range(3):
+        x, y = spec.dataset.partition(w, 3)
+        _, grad = compiled.gradient(compiled.initial_flat(), x[:1], y[:1])
+        assert np.array_equal(grad, worker_gradient(w, 1000)), w
+    bounds = [(0, 400), (400, 800), (800, 1000)]
+    params = expected_params({0: 5, 1: 7, 2: 11}, 1000)
+    assert applied_steps(params, 3, bounds) == [[5, 7, 11]] * 3
+    params[400:800] -= np.float32(LR) * worker_gradient(1, 400, 400)  # applied twice
+    params[800:] += np.float32(LR) * worker_gradient(2, 200, 800)  # lost
+    assert applied_steps(params, 3, bounds) == [[5, 7, 11], [5, 8, 11], [5, 7, 10]]
+    params[3] += np.float32(LR / 2)
+    assert applied_steps(params, 3, bounds)[0] is None
