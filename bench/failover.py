@@ -488,8 +488,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             stood,
             "x--",
             color=line.get_color(),
-            label=f"R={run['replicas']}: longest a worker stood still, median "
-            f"{statistics.median(stood) / 1000:.1f} s",
+            label=f"R={run['replicas']}: longest a worker stood still (heartbeats: 0.5 s "
+            f"resolution), median {statistics.median(stood) / 1000:.1f} s",
         )
     ax_time.set_yscale("log")
     ax_time.set_xlabel("kill")
