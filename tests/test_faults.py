@@ -382,3 +382,18 @@ def test_composed_restarts_converge_and_the_run_ends_on_its_step_budget(
     # shard 0 restarted from a checkpoint: its loss is accounted, by a coordinator that
     # restarted after it too
     assert "0" in summary["lost_acknowledged_pushes"], summary
+
+
+@pytest.mark.slow
+def test_a_run_the_coordinator_cannot_end_is_ended_by_the_supervisor_with_a_reason(
+    cluster_factory: Any,
+) -> None:
+    """The coordinator hangs (SIGSTOP) before the time budget runs out: the supervisor ends
+    the run itself soon after the budget, says why, and exits 3 (a budget ran out), not 0."""
+    cluster = cluster_factory("--target", "none", "--max-seconds", "20", "--no-evaluator")
+    cluster.training(at_least=20)
+    os.kill(cluster.pids()["coordinator"], signal.SIGSTOP)
+    code, summary, err = cluster.finish(timeout=120)
+    assert code == 3, err[-3000:]
+    assert "the supervisor stopped it" in summary["done_reason"], summary
+    assert "the supervisor stopped it" in err
